@@ -1,0 +1,1 @@
+"""adalora_hf: the PEFT-compatible AdaLoraConfig / AdaLoraModel bridge for transformers."""

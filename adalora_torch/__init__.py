@@ -1,0 +1,1 @@
+"""adalora_torch: SVD adapter layers, orthogonal regularisation, the rank allocator hook."""
