@@ -14,8 +14,8 @@ from ._allocator import Allocator as Allocator
 from ._allocator import AllocatorState as AllocatorState
 from ._allocator import Triplet as Triplet
 from ._allocator import rank_allocator as rank_allocator
-from ._importance import ema as ema
 from ._importance import element_score as element_score
+from ._importance import ema as ema
 from ._importance import gradient_is_finite as gradient_is_finite
 from ._importance import triplet_scores as triplet_scores
 from ._importance import update_importance as update_importance

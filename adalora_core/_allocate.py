@@ -105,9 +105,7 @@ def count_ranks(masks: Sequence[np.ndarray]) -> list[int]:
     return [int(np.count_nonzero(m)) for m in masks]
 
 
-def count_parameters(
-    shapes: Sequence[tuple[int, int]], masks: Sequence[np.ndarray]
-) -> list[int]:
+def count_parameters(shapes: Sequence[tuple[int, int]], masks: Sequence[np.ndarray]) -> list[int]:
     """Adapter parameters per matrix after shrinking: ``rank * (in + out + 1)``.
 
     ``shapes[m]`` is ``(out_features, in_features)`` of matrix ``m``.

@@ -79,7 +79,12 @@ def rank_allocator(
     """
     validate_betas(beta1, beta2)
     validate_schedule(
-        init_budget=0, target_budget=0, tinit=tinit, tfinal=tfinal, total_step=total_step, deltaT=deltaT
+        init_budget=0,
+        target_budget=0,
+        tinit=tinit,
+        tfinal=tfinal,
+        total_step=total_step,
+        deltaT=deltaT,
     )
     assert total_step is not None  # validated above
     if isinstance(target_r, bool) or not isinstance(target_r, (int, np.integer)) or target_r < 0:
@@ -155,10 +160,15 @@ def rank_allocator(
         ema_s, ema_u, skipped = state.ema_sensitivity, state.ema_uncertainty, state.skipped_steps
         # 1) importance, only before the final phase
         if step < final_step:
-            finite = all(gradient_is_finite(x, g) for p, gr in zip(params, grads) for x, g in zip(p, gr))
+            finite = all(
+                gradient_is_finite(x, g) for p, gr in zip(params, grads) for x, g in zip(p, gr)
+            )
             if finite:
                 new = [
-                    [update_importance(s, u, x, g, beta1, beta2) for s, u, x, g in zip(ts, tu, p, gr)]
+                    [
+                        update_importance(s, u, x, g, beta1, beta2)
+                        for s, u, x, g in zip(ts, tu, p, gr)
+                    ]
                     for ts, tu, p, gr in zip(ema_s, ema_u, params, grads)
                 ]
                 ema_s = tuple(Triplet(*(su[0] for su in m)) for m in new)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["ema", "element_score", "gradient_is_finite", "triplet_scores", "update_importance"]
+__all__ = ["element_score", "ema", "gradient_is_finite", "triplet_scores", "update_importance"]
 
 
 def ema(average: np.ndarray, value: np.ndarray, beta: float) -> np.ndarray:

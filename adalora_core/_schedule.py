@@ -38,7 +38,9 @@ def validate_schedule(
         if not _is_int(value):
             raise ValueError(f"{name} must be an integer, got {value!r}.")
     if not _is_int(deltaT) or deltaT < 1:
-        raise ValueError(f"deltaT must be an integer >= 1 (steps between allocations), got {deltaT!r}.")
+        raise ValueError(
+            f"deltaT must be an integer >= 1 (steps between allocations), got {deltaT!r}."
+        )
     if total_step <= 0:
         raise ValueError(f"total_step must be positive, got {total_step}.")
     if tinit < 0 or tfinal < 0:
