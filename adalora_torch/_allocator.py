@@ -1,20 +1,25 @@
 """The AdaLoRA training hook: importance EMAs on the device, exact budget allocation.
 
 Zhang et al., "AdaLoRA", ICLR 2023, https://arxiv.org/abs/2303.10512, eqs. (8)-(12). The
-algorithm is :func:`adalora_core.rank_allocator` (the NumPy specification); this module runs
-it on the adapters' device, with two flat buffers per device (``Ī`` and ``Ū``, one float per
-adapter entry each) and a fixed number of kernel launches per step, however many layers:
+algorithm is :func:`adalora_core.rank_allocator` (the NumPy specification); this module runs it
+on the adapters' device with a fixed number of kernel launches per step, however many layers.
 
-- sensitivity ``I = |p · g|`` for every A, E, B: one ``_foreach_mul`` over all parameters and
-  one flatten into a temporary (freed after the call);
-- the two EMAs: a handful of element-wise kernels over the flat buffers;
-- triplet scores (allocation steps only): ``Ī·Ū`` reduced per group of equally shaped
-  matrices, so the launches grow with the number of distinct shapes, not of layers.
+Memory, per device: two flat buffers ``Ī`` and ``Ū`` (one float per adapter entry each: the
+state, checkpointed), plus a flat workspace for ``I = |p · g|`` (one float per entry, kept
+between steps of the budgeting phase so that no large buffer is allocated per step, freed with
+the EMAs at the final allocation). Matrices of equal shape sit next to each other in the
+buffers, so their triplet scores come from one batched reduction per shape.
 
-A step with a non-finite sensitivity leaves both EMAs unchanged without a host sync: the EMA
-coefficients become ``(1, 0)`` through ``torch.where`` on a device flag, and the flag is
-added to a device counter read only when ``skipped_steps`` is asked for. Only allocation
-steps move data between host and device (the ``Σ r`` triplet scores, then the keep-masks).
+Per step: one multi-tensor ``_foreach_addcmul_`` writes every ``p · g`` into the workspace;
+then about six element-wise kernels over the flat buffers (abs, finiteness, two ``lerp_`` for
+the EMAs, ``|I - Ī|``). On allocation steps: ``Ī·Ū``, one mean over A and one over B per shape
+group, one device-to-host copy of the ``Σ r`` scores, ``adalora_core.allocate``, one
+host-to-device copy of the masks and one ``_foreach_mul_`` zeroing E.
+
+Non-finite steps: on the CPU the finiteness flag is read on the host and the step skipped. On
+an accelerator it is not read (no host sync on non-allocation steps): it selects EMA weights
+``(1-β1, 1-β2)`` or ``(0, 0)`` on the device, so the update becomes a no-op, and it is added to
+a device counter that ``skipped_steps`` reads on demand.
 """
 
 from __future__ import annotations
@@ -22,12 +27,13 @@ from __future__ import annotations
 import operator
 import warnings
 from collections.abc import Mapping
+from itertools import repeat
 from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import nn
-from torch._utils import _flatten_dense_tensors
+from torch._utils import _unflatten_dense_tensors as unflatten
 
 from adalora_core import allocate, budget_schedule, validate_betas, validate_schedule
 
@@ -56,6 +62,10 @@ _STATE_KEYS = (
 
 def _triplet(layer: SVDAdapter, adapter: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return layer.lora_A[adapter], layer.lora_E[adapter], layer.lora_B[adapter]
+
+
+_grad = operator.attrgetter("grad")
+_device = operator.attrgetter("device")
 
 
 def _keep_dict(layer: Any) -> dict[str, torch.Tensor]:
@@ -126,10 +136,15 @@ class _Bucket:
         kw: dict[str, Any] = {"device": device, "dtype": self.dtype}
         self.ema_s = torch.zeros(self.numel, **kw) if with_ema else None  # Ī, flat
         self.ema_u = torch.zeros(self.numel, **kw) if with_ema else None  # Ū, flat
-        # EMA coefficients (β1, 1-β1, β2, 1-β2) of a finite step; (1, 0, 1, 0) skips a step
-        self.coef_on = torch.zeros(4, **kw)
-        self.coef_off = torch.tensor([1.0, 0.0, 1.0, 0.0], **kw)
+        # EMA weights (1-β1, 1-β2), as floats and on the device (set by the allocator)
+        self.weights = (0.0, 0.0)
+        self.weights_on = torch.zeros(2, **kw)
+        self.workspace: torch.Tensor | None = None  # I = |p · g|, flat, during budgeting
+        self.workspace_views: list[torch.Tensor] = []  # shaped like params
         # E parameters still at full rank, and their keep-masks as 0/1 factors of shape (r, 1)
+        self.e_all = [t[1] for t in triplets]
+        self.mask_members: list[int] = []
+        self.mask_pos = np.zeros(0, dtype=np.int64)  # global triplet positions of mask_members
         self.e_masked: list[torch.Tensor] = []
         self.e_factors: list[torch.Tensor] = []
 
@@ -144,28 +159,39 @@ class _Bucket:
         return a, e, b
 
     def sensitivity(self) -> tuple[torch.Tensor, list[int]]:
-        """``|p · g|`` of every entry, flat (a temporary), and the members lacking gradients."""
-        raw = [p.grad for p in self.params]
+        """``I = |p · g|`` of every entry in the flat workspace, and the members without a
+        gradient (their ``I`` is 0, which is what a zero gradient gives)."""
+        raw = list(map(_grad, self.params))
         missing: list[int] = []
         grads = cast(list[torch.Tensor], raw)
-        if any(g is None for g in raw):
-            # I = 0 where no gradient flowed, which is what a zero gradient gives
+        if not all(map(operator.is_not, raw, repeat(None))):
             missing = sorted({m for m, g in zip(self.param_member, raw) if g is None})
             grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, raw)]
+        if self.workspace is None:  # allocated at the first update, freed with the EMAs
+            self.workspace = torch.empty(self.numel, device=self.device, dtype=self.dtype)
+            self.workspace_views = list(unflatten(self.workspace, self.params))
         with torch.no_grad():
-            flat = _flatten_dense_tensors(torch._foreach_mul(self.params, grads))
-        if flat.dtype != self.dtype:
-            flat = flat.to(self.dtype)
-        return flat.abs_(), missing
+            self.workspace.zero_()
+            # one multi-tensor kernel for all matrices; products in the EMA dtype
+            torch._foreach_addcmul_(self.workspace_views, self.params, grads)
+        return self.workspace.abs_(), missing
 
-    def update(self, sens: torch.Tensor, finite: torch.Tensor) -> None:
-        """Fold ``sens`` (overwritten) into the EMAs, or keep them when ``finite`` is False."""
+    def update(self, sens: torch.Tensor, finite: torch.Tensor | None) -> None:
+        """Fold ``sens`` (overwritten) into the EMAs. ``finite`` None: the caller checked that
+        ``sens`` is finite; a bool tensor: keep the EMAs as they are where it is False, without
+        reading it on the host (for accelerators)."""
         assert self.ema_s is not None and self.ema_u is not None
-        b1, c1, b2, c2 = torch.where(finite, self.coef_on, self.coef_off).unbind()
-        sens.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # so that 0 · I stays 0
-        self.ema_s.mul_(b1).addcmul_(sens, c1)  # Ī ← β1·Ī + (1-β1)·I
+        w1: float | torch.Tensor
+        w2: float | torch.Tensor
+        if finite is None:
+            w1, w2 = self.weights
+        else:  # weights 0 for a non-finite step: the lerps below leave the EMAs as they are
+            w1, w2 = (self.weights_on * finite).unbind()
+            sens.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # so that 0 · (I - Ī) stays 0
+        # one pass per EMA: lerp(x, y, w) = x + w·(y - x) = (1 - w)·x + w·y
+        self.ema_s.lerp_(sens, w1)  # Ī ← β1·Ī + (1-β1)·I
         sens.sub_(self.ema_s).abs_()  # |I - Ī|, with the updated Ī
-        self.ema_u.mul_(b2).addcmul_(sens, c2)  # Ū ← β2·Ū + (1-β2)·|I - Ī|
+        self.ema_u.lerp_(sens, w2)  # Ū ← β2·Ū + (1-β2)·|I - Ī|
 
     def scores(self) -> torch.Tensor:
         """Triplet scores of the bucket's matrices, group order (see ``score_pos``)."""
@@ -181,7 +207,8 @@ class _Bucket:
 
     def to(self, device: torch.device) -> None:
         self.device = device
-        for name in ("ema_s", "ema_u", "coef_on", "coef_off"):
+        self.workspace, self.workspace_views = None, []
+        for name in ("ema_s", "ema_u", "weights_on"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.to(device))
@@ -225,6 +252,8 @@ class RankAllocator:
     has no adapter ``adapter_name``.
     """
 
+    _sync_free: bool | None = None  # skip non-finite steps without a host sync; None: off the CPU
+
     def __init__(
         self,
         model: nn.Module,
@@ -267,6 +296,7 @@ class RankAllocator:
         self._layers: list[SVDAdapter] = [m for _, m in found]
         self._ranks = [int(_triplet(m, adapter_name)[1].shape[0]) for m in self._layers]
         self._offsets = np.concatenate([[0], np.cumsum(self._ranks)]).astype(np.int64)
+        self._bounds = list(zip(self._offsets[:-1].tolist(), self._offsets[1:].tolist()))
         self.init_budget = int(sum(self._ranks))
         self.target_budget = self.target_r * len(self._layers)
         self._validate(_stand_in(tinit, tfinal) if total_step is None else total_step)
@@ -278,7 +308,7 @@ class RankAllocator:
         self._rank_pattern: dict[str, list[bool]] | None = None
         self._keep = np.ones(self.init_budget, dtype=bool)  # current keep-mask, all matrices
         self._skipped = 0  # skipped steps already read back from the device
-        self._warned: set[str] = set()
+        self._warned: set[str] = set()  # modules already warned about for missing gradients
         self._buckets: list[_Bucket] = []
         self._skipped_dev: torch.Tensor | None = None
         self._rebuild(ema=None)
@@ -378,8 +408,9 @@ class RankAllocator:
         # 2) final allocation at the first step at or past total_step - tfinal
         if step >= final:
             pattern = self._allocate(self.target_budget)
-            for bucket in self._buckets:
-                bucket.ema_s = bucket.ema_u = None  # free the importance state
+            for bucket in self._buckets:  # free the importance state and the workspace
+                bucket.ema_s = bucket.ema_u = bucket.workspace = None
+                bucket.workspace_views = []
             self._finalized = True
             self._step, self._budget = step, self.target_budget
             return self.target_budget, pattern
@@ -409,7 +440,7 @@ class RankAllocator:
                     "sensitivity counts as 0.",
                     stacklevel=3,
                 )
-        # one finiteness flag for all matrices (as the core), combined on the device
+        # one finiteness flag for all matrices (as the core)
         flags = [
             torch.isfinite(s.amax())
             if s.numel()
@@ -419,9 +450,17 @@ class RankAllocator:
         assert self._skipped_dev is not None
         dev0 = self._skipped_dev.device
         finite = flags[0] if len(flags) == 1 else torch.stack([f.to(dev0) for f in flags]).all()
-        self._skipped_dev.add_(finite.to(dev0).logical_not())
-        for bucket, sens in zip(self._buckets, work):
-            bucket.update(sens, finite.to(bucket.device))
+        sync_free = dev0.type != "cpu" if self._sync_free is None else self._sync_free
+        if not sync_free:  # reading the flag costs nothing on the CPU
+            if not bool(finite):
+                self._skipped += 1
+                return
+            for bucket, sens in zip(self._buckets, work):
+                bucket.update(sens, None)
+        else:  # no host sync: the flag selects the EMA coefficients on the device
+            self._skipped_dev.add_(finite.to(dev0).logical_not())
+            for bucket, sens in zip(self._buckets, work):
+                bucket.update(sens, finite.to(bucket.device))
 
     def _triplet_scores(self) -> np.ndarray:
         """``S`` of every triplet, all matrices in model order (one device-to-host copy each)."""
@@ -431,7 +470,8 @@ class RankAllocator:
         return scores
 
     def _allocate(self, budget: int) -> dict[str, list[bool]]:
-        masks = allocate(np.split(self._triplet_scores(), self._offsets[1:-1]), budget)
+        scores = self._triplet_scores()
+        masks = allocate([scores[a:b] for a, b in self._bounds], budget)
         self._set_keep(np.concatenate(masks) if masks else self._keep)
         self._rank_pattern = {n: m.tolist() for n, m in zip(self._names, masks)}
         for bucket in self._buckets:
@@ -442,41 +482,25 @@ class RankAllocator:
         """Record the keep-mask of all matrices; hand it to the layers and the E factors."""
         self._keep = keep.copy()
         for bucket in self._buckets:
-            # matrices physically shrunk to their final pattern have nothing left to mask
-            full = [
-                (m, e)
-                for m, e in zip(bucket.members, self._e_cached_of(bucket))
-                if e.shape[0] == self._ranks[m]
-            ]
-            if not full:
-                bucket.e_masked, bucket.e_factors = [], []
+            if not bucket.e_masked:
                 continue
-            ranks = [self._ranks[m] for m, _ in full]
-            pos = np.concatenate(
-                [np.arange(self._offsets[m], self._offsets[m + 1]) for m, _ in full]
-            )
-            on_device = torch.from_numpy(keep[pos]).to(bucket.device)  # one copy per device
-            for (m, _), mask in zip(full, on_device.split(ranks)):
-                _keep_dict(self._layers[m])[self.adapter_name] = mask
-            factors = on_device.to(full[0][1].dtype).unsqueeze(1)  # (Σr, 1)
-            bucket.e_masked = [e for _, e in full]
+            on_device = torch.from_numpy(keep[bucket.mask_pos]).to(bucket.device)  # one copy
+            ranks = [self._ranks[m] for m in bucket.mask_members]
+            for m, mask in zip(bucket.mask_members, on_device.split(ranks)):
+                self._keep_dicts[m][self.adapter_name] = mask
+            factors = on_device.to(bucket.e_masked[0].dtype).unsqueeze(1)  # (Σr, 1)
             bucket.e_factors = list(factors.split(ranks))
-
-    def _e_cached_of(self, bucket: _Bucket) -> list[torch.Tensor]:
-        return [self._e_cached[m] for m in bucket.members]
 
     # -- following the model ------------------------------------------------------------------
     def _sync_with_model(self) -> None:
         """Rebuild the buckets when adapter parameters moved to another device or were
         replaced (``set_rank`` / ``shrink_to_pattern`` make new Parameters)."""
-        key = self.adapter_name
-        stale = any(d.get(key) is not e for d, e in zip(self._e_dicts, self._e_cached))
-        if not stale:
-            for bucket in self._buckets:
-                device = bucket.device
-                if any(self._e_cached[m].device != device for m in bucket.members):
-                    stale = True
-                    break
+        current = map(dict.get, self._e_dicts, repeat(self.adapter_name))
+        stale = not all(map(operator.is_, current, self._e_cached))
+        for bucket in self._buckets:
+            stale = stale or any(
+                map(operator.ne, map(_device, bucket.e_all), repeat(bucket.device))
+            )
         if stale:
             self._rebuild(ema=self._export_ema())
 
@@ -498,6 +522,11 @@ class RankAllocator:
         by_device: dict[torch.device, list[int]] = {}
         triplets = []
         for m, (name, layer) in enumerate(zip(self._names, self._layers)):
+            if not all(self.adapter_name in d for d in (layer.lora_A, layer.lora_E, layer.lora_B)):
+                raise ValueError(
+                    f"{name}: adapter {self.adapter_name!r} was removed from this layer; build a "
+                    "new RankAllocator for the adapters the model has now."
+                )
             a, e, b = _triplet(layer, self.adapter_name)
             r = int(e.shape[0])
             if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r or e.numel() != r:
@@ -519,14 +548,26 @@ class RankAllocator:
             by_device.setdefault(e.device, []).append(m)
         self._e_dicts = [layer.lora_E._parameters for layer in self._layers]
         self._e_cached = [t[1] for t in triplets]
+        self._keep_dicts = [_keep_dict(layer) for layer in self._layers]
         offsets = self._offsets.tolist()
         self._buckets = [
             _Bucket(dev, ms, [triplets[m] for m in ms], offsets, with_ema=not self._finalized)
             for dev, ms in by_device.items()
         ]
-        betas = [self.beta1, 1.0 - self.beta1, self.beta2, 1.0 - self.beta2]
         for bucket in self._buckets:
-            bucket.coef_on.copy_(torch.tensor(betas, dtype=torch.float64))
+            # matrices physically shrunk to their final pattern have nothing left to mask
+            bucket.mask_members = [
+                m for m in bucket.members if self._e_cached[m].shape[0] == self._ranks[m]
+            ]
+            bucket.e_masked = [self._e_cached[m] for m in bucket.mask_members]
+            bucket.mask_pos = np.concatenate(
+                [np.arange(offsets[m], offsets[m + 1]) for m in bucket.mask_members]
+                + [np.zeros(0, dtype=np.int64)]
+            )
+        weights = (1.0 - self.beta1, 1.0 - self.beta2)
+        for bucket in self._buckets:
+            bucket.weights = weights
+            bucket.weights_on.copy_(torch.tensor(weights, dtype=torch.float64))
             if ema is not None and bucket.ema_s is not None and bucket.ema_u is not None:
                 for m in bucket.members:
                     new = bucket.views(bucket.ema_s, m) + bucket.views(bucket.ema_u, m)
@@ -629,6 +670,8 @@ class RankAllocator:
                 params = _triplet(layer, self.adapter_name)
                 tensors = []
                 for key in ("ema_sensitivity", "ema_uncertainty"):
+                    if not isinstance(sd[key], Mapping):
+                        raise ValueError(f"{key} should map names to tensors, got {sd[key]!r}.")
                     for kind, p in zip(_KINDS, params):
                         t = sd[key].get(f"{name}.{kind}")
                         if not isinstance(t, torch.Tensor) or t.shape != p.shape:
@@ -650,7 +693,7 @@ class RankAllocator:
         self._rebuild(ema=ema)
 
 
-def _stand_in(tinit: object, tfinal: object) -> object:
+def _stand_in(tinit: object, tfinal: object) -> int:
     # a total_step that passes the checks involving it, so the others run before it is known
     if isinstance(tinit, int) and isinstance(tfinal, int):
         return max(tinit, 0) + max(tfinal, 0) + 1
