@@ -88,8 +88,10 @@ def budget_schedule(
        ``step % deltaT == 0``.
 
     Worked example: 4 matrices of rank 12 (``init_budget=48``) shrinking to rank 8 on average
-    (``target_budget=32``) with ``tinit=10, tfinal=20, total_step=100``: steps 0..10 warm up,
-    11..80 decrease the budget, 81..99 keep the target.
+    (``target_budget=32``) with ``tinit=10, tfinal=20, total_step=100`` and steps counted
+    1..100 (as ``AdaLoraCallback`` does): 10 warm-up steps (1..10), 70 budgeting steps
+    (11..80, the last one reaching the target) and 20 final steps (81..100). A loop that
+    counts from 0 has one more warm-up step (0..10) and ends at step 99.
 
     >>> kw = dict(init_budget=48, target_budget=32, tinit=10, tfinal=20, total_step=100, deltaT=1)
     >>> budget_schedule(0, **kw), budget_schedule(10, **kw)

@@ -1,1 +1,32 @@
-"""adalora_hf: the PEFT-compatible AdaLoraConfig / AdaLoraModel bridge for transformers."""
+"""adalora_hf: the PEFT-compatible AdaLoraConfig / AdaLoraModel bridge for transformers.
+
+Migrating from PEFT is an import change::
+
+    from adalora_hf import AdaLoraConfig, AdaLoraModel, get_peft_model  # was: from peft import ...
+
+Adapters are saved in PEFT's file format (``adapter_config.json`` + ``adapter_model.safetensors``)
+and load in either library. ``AdaLoraCallback`` runs the rank allocation in
+``transformers.Trainer``.
+"""
+
+from ._callback import AdaLoraCallback as AdaLoraCallback
+from ._config import AdaLoraConfig as AdaLoraConfig
+from ._model import AdaLoraModel as AdaLoraModel
+from ._modules_to_save import ModulesToSaveWrapper as ModulesToSaveWrapper
+from ._peft_model import AdaLoraPeftModel as AdaLoraPeftModel
+from ._peft_model import PeftModel as PeftModel
+from ._peft_model import get_peft_model as get_peft_model
+from ._targets import DEFAULT_TARGET_MODULES as DEFAULT_TARGET_MODULES
+from ._targets import default_target_modules as default_target_modules
+
+__all__ = [
+    "DEFAULT_TARGET_MODULES",
+    "AdaLoraCallback",
+    "AdaLoraConfig",
+    "AdaLoraModel",
+    "AdaLoraPeftModel",
+    "ModulesToSaveWrapper",
+    "PeftModel",
+    "default_target_modules",
+    "get_peft_model",
+]

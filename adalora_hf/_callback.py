@@ -1,0 +1,192 @@
+"""``AdaLoraCallback``: AdaLoRA's rank allocation inside ``transformers.Trainer``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import Any
+
+from torch import nn
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from ._model import AdaLoraModel
+
+__all__ = ["AdaLoraCallback"]
+
+logger = logging.getLogger(__name__)
+
+_CHECKPOINT_PREFIX = "checkpoint"  # transformers' PREFIX_CHECKPOINT_DIR
+
+
+def find_adalora_model(model: Any) -> AdaLoraModel:
+    """The ``AdaLoraModel`` inside ``model`` (itself, ``get_peft_model``'s result, or either
+    wrapped by DDP / ``torch.compile``)."""
+    for _ in range(8):
+        if isinstance(model, AdaLoraModel):
+            return model
+        inner = model.__dict__.get("_modules", {}) if isinstance(model, nn.Module) else {}
+        model = inner.get("base_model") or inner.get("module") or inner.get("_orig_mod")
+        if model is None:
+            break
+    raise ValueError(
+        "AdaLoraCallback found no AdaLoraModel in the Trainer's model: pass the model returned by "
+        "adalora_hf.AdaLoraModel(...) or adalora_hf.get_peft_model(...) to the Trainer."
+    )
+
+
+def _checkpoint_dir(args: TrainingArguments, state: TrainerState) -> str:
+    return os.path.join(args.output_dir or "", f"{_CHECKPOINT_PREFIX}-{state.global_step}")
+
+
+class AdaLoraCallback(TrainerCallback):
+    """Run AdaLoRA's rank allocation in ``transformers.Trainer``.
+
+    ``Trainer(model=adalora_model, args=..., callbacks=[AdaLoraCallback()])``:
+
+    - ``on_train_begin``: when the trainable adapter's config has ``total_step=None``, it is set
+      to the Trainer's ``max_steps`` (a different explicit value is kept, with a log line).
+      When resuming from ``output_dir/checkpoint-<step>``, the allocator state saved there is
+      restored, so allocation continues exactly as in an uninterrupted run.
+    - ``on_optimizer_step`` (after ``optimizer.step()``, before the gradients are zeroed, once
+      per optimizer step whatever ``gradient_accumulation_steps``): calls
+      ``update_and_allocate(state.global_step + 1)``. The Trainer increments ``global_step``
+      after this event, so the step passed is the number of optimizer steps done, counting this
+      one (1 .. max_steps): the final allocation happens at ``total_step - tfinal`` and the run
+      ends with exactly ``target_r · n`` triplets kept.
+    - ``on_log``: adds ``adalora_budget`` (triplets the schedule allows) and
+      ``adalora_total_rank`` (triplets kept now) to the logs.
+    - Checkpoints: between the end of a step and the start of the next (when the Trainer
+      saves) the model's ``state_dict()`` holds the adapter entries only, as PEFT's
+      checkpoints do, and ``on_save`` adds the allocator state (``adalora_allocator.json`` +
+      ``.safetensors``) to the checkpoint directory.
+    """
+
+    def __init__(self) -> None:
+        self.budget: int | None = None
+
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        """Fill in ``total_step``; restore the allocator state when resuming."""
+        adalora = find_adalora_model(model)
+        name = adalora._trainable()
+        cfg = adalora.peft_config[name]
+        if cfg.total_step is None:
+            adalora.set_total_step(int(state.max_steps))
+        elif cfg.total_step != state.max_steps:
+            logger.info(
+                "AdaLoraCallback: keeping total_step=%d from the config (the Trainer runs %d "
+                "optimizer steps).",
+                cfg.total_step,
+                state.max_steps,
+            )
+        if state.global_step > 0:
+            directory = _checkpoint_dir(args, state)
+            if adalora.load_allocator_state(directory):
+                self.budget = adalora.rankallocator.budget if adalora.rankallocator else None
+            else:
+                warnings.warn(
+                    f"Resuming at step {state.global_step} without the rank allocator's state "
+                    f"(none in {directory!r}): the importance scores restart from zero. Resume "
+                    "from a checkpoint written with AdaLoraCallback in the Trainer's callbacks.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+
+    def on_step_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        """Close the checkpoint window: ``state_dict()`` is the full one again."""
+        find_adalora_model(model).adapter_only_state_dict = False
+
+    def on_optimizer_step(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        """Update importance and allocate; the step is ``state.global_step + 1``."""
+        self.budget = find_adalora_model(model).update_and_allocate(state.global_step + 1)
+
+    def _open_checkpoint_window(self, model: Any) -> None:
+        find_adalora_model(model).adapter_only_state_dict = True
+
+    def on_step_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        """Open the checkpoint window (the Trainer may save before the next step)."""
+        self._open_checkpoint_window(model)
+
+    def on_epoch_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        """Open the checkpoint window (the Trainer may save at the end of an epoch)."""
+        self._open_checkpoint_window(model)
+
+    def on_train_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        """Close the checkpoint window."""
+        find_adalora_model(model).adapter_only_state_dict = False
+
+    def on_save(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        """Write the allocator state next to the checkpoint the Trainer just saved."""
+        directory = _checkpoint_dir(args, state)
+        if state.is_world_process_zero and os.path.isdir(directory):
+            find_adalora_model(model).save_allocator_state(directory)
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: Any = None,
+        logs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Add the budget and the total kept rank to ``logs`` (and to the last
+        ``state.log_history`` entry of this step)."""
+        if logs is None or model is None:
+            return
+        adalora = find_adalora_model(model)
+        extra: dict[str, Any] = {"adalora_total_rank": adalora.total_rank()}
+        if self.budget is not None:
+            extra["adalora_budget"] = self.budget
+        logs.update(extra)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(extra)

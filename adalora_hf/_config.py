@@ -1,0 +1,388 @@
+"""``AdaLoraConfig``: PEFT's documented AdaLoRA configuration, validated at construction.
+
+Reads and writes PEFT's ``adapter_config.json`` (``"peft_type": "ADALORA"``), so a config saved
+here loads with ``peft.AdaLoraConfig.from_pretrained`` and the reverse.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+__all__ = ["CONFIG_NAME", "AdaLoraConfig"]
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+_PEFT_TYPE = "ADALORA"
+_TASK_TYPES = (
+    "SEQ_CLS",
+    "SEQ_2_SEQ_LM",
+    "CAUSAL_LM",
+    "TOKEN_CLS",
+    "QUESTION_ANS",
+    "FEATURE_EXTRACTION",
+)
+_BIAS_MODES = ("none", "all", "lora_only")
+
+# Fields PEFT writes that this library does not model, with the value at which they do nothing.
+# Any other value changes what the adapter means, so loading it here would be silently wrong.
+_PEFT_INERT_FIELDS: dict[str, Any] = {
+    "use_dora": False,
+    "exclude_modules": None,
+    "layer_replication": None,
+    "lora_bias": False,
+    "trainable_token_indices": None,
+    "target_parameters": None,
+    "use_qalora": False,
+    "use_bdlora": None,
+    "alora_invocation_tokens": None,
+    "corda_config": None,
+    "eva_config": None,
+    "arrow_config": None,
+    "kasa_config": None,
+    "lora_ga_config": None,
+    "monteclora_config": None,
+    "velora_config": None,
+}
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _normalize_enum(value: object) -> object:
+    # peft.TaskType / PeftType are str enums; keep the plain string
+    return getattr(value, "value", value)
+
+
+@dataclass
+class AdaLoraConfig:
+    """Configuration of an AdaLoRA adapter (PEFT v0.8.2 signature, same defaults).
+
+    AdaLoRA trains ``ΔW = B · diag(E) · A · lora_alpha / init_r`` on each target matrix and moves
+    a global budget of rank (triplets ``(A_i, E_i, B_i)``) to the matrices that matter.
+    Training runs in three phases, set by ``tinit``, ``tfinal`` and ``total_step``, counted in
+    optimizer steps ``1 .. total_step`` (the step ``AdaLoraCallback`` passes to
+    ``update_and_allocate``):
+
+    1. Warm-up, steps ``1 .. tinit``: every matrix keeps all ``init_r`` triplets. This
+       pre-trains the adapters, so pruning later removes learned directions rather than random
+       ones.
+    2. Budgeting, steps ``tinit + 1 .. total_step - tfinal``: the total budget decreases on a
+       cubic curve from ``init_r · n`` to ``target_r · n`` (n adapted matrices), and every
+       ``deltaT`` steps the least important triplets get ``E = 0``. At step
+       ``total_step - tfinal`` the final allocation keeps exactly ``target_r · n`` triplets.
+    3. Final, the last ``tfinal`` steps: the ranks are fixed; the surviving triplets are
+       fine-tuned.
+
+    Worked example: ``tinit=10, tfinal=20, total_step=100`` gives 10 warm-up steps
+    (1..10), 70 budgeting steps (11..80) and 20 final steps (81..100).
+
+    Validation happens here, with messages that say what to change: ``ValueError`` for
+    impossible settings (``target_r > init_r``, ``tinit >= total_step - tfinal``, betas
+    outside (0, 1), ``deltaT < 1``, an unknown ``bias``, ...), ``NotImplementedError`` for
+    PEFT features this library does not implement (Megatron, LoftQ, rsLoRA, ``alpha_pattern``).
+    ``total_step`` may stay None until ``AdaLoraCallback`` fills it in from the Trainer's
+    ``max_steps`` or you set it; ``update_and_allocate`` refuses to run without it.
+
+    >>> cfg = AdaLoraConfig(init_r=12, target_r=8, tinit=10, tfinal=20, total_step=100)
+    >>> cfg.peft_type, cfg.init_r, cfg.target_r
+    ('ADALORA', 12, 8)
+    >>> AdaLoraConfig(target_r=16, init_r=12)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: target_r (16) is larger than init_r (12): AdaLoRA only removes rank; ...
+    """
+
+    # -- PEFT bookkeeping ---------------------------------------------------------------------
+    peft_type: str | None = None  # always "ADALORA" after construction
+    auto_mapping: dict[str, Any] | None = None  # base model class, written when task_type is None
+    base_model_name_or_path: str | None = None  # where the base model came from (informative)
+    revision: str | None = None  # revision of the base model (informative)
+    task_type: str | None = None  # one of PEFT's TaskType values, picks the get_peft_model head
+    inference_mode: bool = False  # True: adapter frozen (the form saved adapters load in)
+    # -- LoRA fields AdaLoRA shares ------------------------------------------------------------
+    r: int = 8  # unused by AdaLoRA (PEFT inherits it from LoRA): init_r is the initial rank
+    target_modules: list[str] | str | None = None  # names (suffix match) or a full-match regex
+    lora_alpha: float = 8  # scaling numerator; the update is scaled by lora_alpha / init_r
+    lora_dropout: float = 0.0  # dropout on the adapter's input
+    fan_in_fan_out: bool = False  # weight stored (in, out), as transformers' Conv1D (automatic)
+    bias: Literal["none", "all", "lora_only"] = "none"  # which biases train with the adapter
+    use_rslora: bool = False  # not supported (PEFT's AdaLoRA ignores it): must stay False
+    modules_to_save: list[str] | None = None  # modules trained in full and saved (heads)
+    init_lora_weights: bool | Literal["gaussian", "loftq"] = True  # False: E random too (tests)
+    layers_to_transform: list[int] | int | None = None  # only these layer indices
+    layers_pattern: list[str] | str | None = None  # name of the layer list, e.g. "layers"
+    rank_pattern: dict[str, list[bool]] | None = None  # kept triplets per matrix (allocator)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)  # not supported: keep empty
+    megatron_config: dict[str, Any] | None = None  # not supported: keep None
+    megatron_core: str | None = "megatron.core"  # unused without megatron_config
+    loftq_config: dict[str, Any] = field(default_factory=dict)  # not supported: keep empty
+    # -- AdaLoRA ---------------------------------------------------------------------------------
+    target_r: int = 8  # average rank per matrix at the end: the final budget is target_r · n
+    init_r: int = 12  # rank of every matrix at creation: the initial budget is init_r · n
+    tinit: int = 0  # warm-up steps without pruning
+    tfinal: int = 0  # final steps with the ranks fixed
+    deltaT: int = 1  # steps between two allocations during budgeting
+    beta1: float = 0.85  # EMA coefficient of the sensitivity |p · g|
+    beta2: float = 0.85  # EMA coefficient of its uncertainty
+    orth_reg_weight: float = 0.5  # weight of the orthogonality penalty added to the loss
+    total_step: int | None = None  # optimizer steps of the run (AdaLoraCallback fills it in)
+
+    def __post_init__(self) -> None:
+        self.peft_type = self._check_peft_type(self.peft_type)
+        self.task_type = _normalize_enum(self.task_type)  # type: ignore[assignment]
+        if isinstance(self.target_modules, (set, frozenset, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.modules_to_save, (set, frozenset, tuple)):
+            self.modules_to_save = list(self.modules_to_save)
+        if self.r != 8:
+            warnings.warn(
+                f"r={self.r} is not used by AdaLoRA: every matrix starts with init_r "
+                f"({self.init_r}) triplets and ends with target_r ({self.target_r}) on average. "
+                "Set init_r instead of r.",
+                UserWarning,
+                stacklevel=3,
+            )
+        self.validate()
+
+    # -- validation ---------------------------------------------------------------------------
+    @staticmethod
+    def _check_peft_type(value: object) -> str:
+        value = _normalize_enum(value)
+        if value is None or (isinstance(value, str) and value.upper() == _PEFT_TYPE):
+            return _PEFT_TYPE
+        raise ValueError(
+            f"peft_type={value!r} is not an AdaLoRA config: leave peft_type out or set it to "
+            f"'{_PEFT_TYPE}'."
+        )
+
+    def validate(self) -> None:
+        """Check every field; raise ``ValueError`` / ``NotImplementedError`` saying what to change.
+
+        Runs at construction; call it again after changing fields by hand (``AdaLoraModel``
+        re-checks the schedule when ``update_and_allocate`` runs).
+        """
+        self._check_unsupported()
+        self._check_lora_fields()
+        self._check_adalora_fields()
+        self.check_schedule(require_total_step=False)
+
+    def _check_unsupported(self) -> None:
+        if self.megatron_config is not None:
+            raise NotImplementedError(
+                "megatron_config is not supported by adalora (no Megatron tensor-parallel "
+                "layers): leave megatron_config=None."
+            )
+        if self.loftq_config or self.init_lora_weights == "loftq":
+            raise NotImplementedError(
+                "LoftQ initialisation is not supported by AdaLoRA (PEFT refuses it too): leave "
+                "loftq_config empty and init_lora_weights=True."
+            )
+        if self.use_rslora:
+            raise NotImplementedError(
+                "use_rslora=True is not supported: AdaLoRA scales the update by "
+                "lora_alpha / init_r (PEFT's AdaLoRA silently ignores use_rslora). Leave "
+                "use_rslora=False and tune lora_alpha instead."
+            )
+        if self.alpha_pattern:
+            raise NotImplementedError(
+                "alpha_pattern is not supported by AdaLoRA (PEFT's AdaLoRA silently ignores it): "
+                "every matrix uses lora_alpha. Leave alpha_pattern empty."
+            )
+
+    def _check_lora_fields(self) -> None:
+        if self.task_type is not None and self.task_type not in _TASK_TYPES:
+            raise ValueError(
+                f"task_type={self.task_type!r} is unknown: use None or one of {list(_TASK_TYPES)}."
+            )
+        if self.bias not in _BIAS_MODES:
+            raise ValueError(
+                f"bias={self.bias!r} is unknown: use 'none' (no bias trains), 'all' (every bias "
+                "trains) or 'lora_only' (the biases of the adapted layers train)."
+            )
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(
+                f"init_lora_weights={self.init_lora_weights!r} is not supported by AdaLoRA: use "
+                "True (E = 0, A, B ~ N(0, 0.02²); 'gaussian' means the same) or False (E random "
+                "too, the adapter changes the output from the start)."
+            )
+        if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool):
+            raise ValueError(f"lora_alpha must be a number, got {self.lora_alpha!r}.")
+        if not (0.0 <= float(self.lora_dropout) < 1.0):
+            raise ValueError(f"lora_dropout must lie in [0, 1), got {self.lora_dropout!r}.")
+        tm = self.target_modules
+        if tm is not None and not (
+            isinstance(tm, str) or (isinstance(tm, list) and all(isinstance(t, str) for t in tm))
+        ):
+            raise ValueError(
+                f"target_modules must be None, a list of module names or a regex string, got "
+                f"{tm!r}."
+            )
+        if isinstance(tm, list) and not tm:
+            raise ValueError(
+                "target_modules is an empty list: name the modules to adapt, or leave it None "
+                "for the defaults of the model type."
+            )
+        if isinstance(tm, str) and self.layers_to_transform is not None:
+            raise ValueError(
+                "layers_to_transform cannot be combined with a regex target_modules: put the "
+                "layer indices in the regex, or give target_modules as a list of names."
+            )
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError(
+                "layers_pattern is set but layers_to_transform is not: give the layer indices "
+                "to adapt in layers_to_transform, or drop layers_pattern."
+            )
+        ltt = self.layers_to_transform
+        if ltt is not None and not (
+            _is_int(ltt) or (isinstance(ltt, list) and all(_is_int(i) for i in ltt))
+        ):
+            raise ValueError(f"layers_to_transform must be an int or a list of ints, got {ltt!r}.")
+        mts = self.modules_to_save
+        if mts is not None and not (isinstance(mts, list) and all(isinstance(m, str) for m in mts)):
+            raise ValueError(f"modules_to_save must be a list of module names, got {mts!r}.")
+        rp = self.rank_pattern
+        if rp is not None and not (
+            isinstance(rp, dict)
+            and all(
+                isinstance(k, str) and isinstance(v, list) and all(isinstance(b, bool) for b in v)
+                for k, v in rp.items()
+            )
+        ):
+            raise ValueError(
+                "rank_pattern must map '<module>.lora_E' names to lists of bools (True = "
+                "triplet kept), as the allocator records it; got "
+                f"{type(rp).__name__} {str(rp)[:80]}."
+            )
+
+    def _check_adalora_fields(self) -> None:
+        for name in ("init_r", "target_r", "tinit", "tfinal", "deltaT"):
+            value = getattr(self, name)
+            if not _is_int(value):
+                raise ValueError(f"{name} must be an integer, got {value!r}.")
+        if self.init_r < 1:
+            raise ValueError(
+                f"init_r must be >= 1 (the rank every matrix starts with), got {self.init_r}."
+            )
+        if self.target_r < 0:
+            raise ValueError(f"target_r must be >= 0, got {self.target_r}.")
+        if self.target_r > self.init_r:
+            raise ValueError(
+                f"target_r ({self.target_r}) is larger than init_r ({self.init_r}): AdaLoRA only "
+                "removes rank; lower target_r or raise init_r."
+            )
+        if self.tinit < 0 or self.tfinal < 0:
+            raise ValueError(
+                f"tinit and tfinal must be >= 0 (numbers of steps), got tinit={self.tinit}, "
+                f"tfinal={self.tfinal}."
+            )
+        if self.deltaT < 1:
+            raise ValueError(
+                f"deltaT must be >= 1 (steps between two allocations), got {self.deltaT}."
+            )
+        for name in ("beta1", "beta2"):
+            beta = getattr(self, name)
+            if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta < 1:
+                raise ValueError(
+                    f"{name} must lie strictly between 0 and 1 (e.g. 0.85), got {beta!r}."
+                )
+        w = self.orth_reg_weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+            raise ValueError(
+                f"orth_reg_weight must be a number >= 0 (0 turns the penalty off), got {w!r}."
+            )
+
+    def check_schedule(self, require_total_step: bool = True) -> None:
+        """Check ``total_step`` against ``tinit`` and ``tfinal``.
+
+        With ``require_total_step`` a missing ``total_step`` is an error that names the fix
+        (set it, or train with ``AdaLoraCallback``).
+        """
+        if self.total_step is None:
+            if require_total_step:
+                raise ValueError(
+                    "total_step is None: set config.total_step to the number of optimizer steps "
+                    "of the run, or train with transformers.Trainer and AdaLoraCallback, which "
+                    "fills it in from max_steps."
+                )
+            return
+        if not _is_int(self.total_step) or self.total_step <= 0:
+            raise ValueError(
+                f"total_step must be a positive integer (optimizer steps), got {self.total_step!r}."
+            )
+        if self.tinit >= self.total_step - self.tfinal:
+            raise ValueError(
+                f"tinit ({self.tinit}) must be smaller than total_step - tfinal "
+                f"({self.total_step} - {self.tfinal} = {self.total_step - self.tfinal}) so that "
+                "the budget has steps to decrease in: lower tinit or tfinal, or raise total_step."
+            )
+
+    # -- (de)serialisation ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict (PEFT's ``adapter_config.json`` content)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AdaLoraConfig:
+        """Build a config from a dict as PEFT writes it.
+
+        Fields PEFT writes that this class does not know are ignored (logged at debug level)
+        when they hold the value at which they do nothing; otherwise (e.g. ``use_dora=True``,
+        ``exclude_modules``) the adapter cannot be reproduced here and ``NotImplementedError``
+        names the field. ``use_rslora=True`` from a PEFT file is dropped with a warning: PEFT's
+        AdaLoRA ignores it, so the adapter was trained without it.
+        """
+        data = dict(data)
+        peft_type = _normalize_enum(data.get("peft_type", _PEFT_TYPE))
+        if not isinstance(peft_type, str) or peft_type.upper() != _PEFT_TYPE:
+            raise ValueError(
+                f"This is a {peft_type} adapter config, not an AdaLoRA one (peft_type must be "
+                f"'{_PEFT_TYPE}'): load it with the library that trained it."
+            )
+        known = {f.name for f in fields(cls)}
+        for key in sorted(set(data) - known):
+            value = data.pop(key)
+            if key in _PEFT_INERT_FIELDS and value not in (_PEFT_INERT_FIELDS[key], None, {}):
+                raise NotImplementedError(
+                    f"The config sets {key}={value!r}, a PEFT feature adalora does not implement; "
+                    f"the adapter would behave differently here. Train it without {key}."
+                )
+            logger.debug("AdaLoraConfig: ignoring field %r=%r written by PEFT.", key, value)
+        if data.get("use_rslora"):
+            warnings.warn(
+                "The config has use_rslora=True, which PEFT's AdaLoRA ignores: the adapter was "
+                "trained with scaling lora_alpha / init_r, so it is loaded with use_rslora=False.",
+                UserWarning,
+                stacklevel=2,
+            )
+            data["use_rslora"] = False
+        return cls(**data)
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str]) -> None:
+        """Write ``adapter_config.json`` into ``save_directory`` (created if needed)."""
+        save_directory = os.fspath(save_directory)
+        if os.path.isfile(save_directory):
+            raise ValueError(f"{save_directory!r} is a file; pass a directory.")
+        os.makedirs(save_directory, exist_ok=True)
+        with open(os.path.join(save_directory, CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str]) -> AdaLoraConfig:
+        """Read ``adapter_config.json`` from a directory (or the file itself), see ``from_dict``."""
+        path = os.fspath(path)
+        file = os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else path
+        if not os.path.isfile(file):
+            raise FileNotFoundError(
+                f"No {CONFIG_NAME} at {path!r}: pass the directory written by save_pretrained "
+                "(nothing is downloaded from the Hub)."
+            )
+        with open(file, encoding="utf-8") as f:
+            data = json.load(f)
+        return cls.from_dict(data)

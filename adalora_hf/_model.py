@@ -1,0 +1,748 @@
+"""``AdaLoraModel``: AdaLoRA adapters around a transformers model, PEFT's API and file format.
+
+Parameter names follow PEFT: the wrapped model is ``self.model`` and an adapted layer at
+``<path>`` holds ``model.<path>.lora_A.<adapter>`` (``lora_E``, ``lora_B``, ``ranknum``), so
+``AdaLoraModel.state_dict()`` has the keys of PEFT's ``AdaLoraModel`` and
+``get_peft_model(...).state_dict()`` those of PEFT's ``PeftModel``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import re
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from adalora_torch import (
+    RankAllocator,
+    SVDAdapter,
+    inject_adapters,
+    mark_only_adapters_trainable,
+    orthogonal_penalty,
+)
+
+from ._checkpoint import load_allocator_state, save_allocator_state
+from ._config import AdaLoraConfig
+from ._format import (
+    PEFT_PREFIX,
+    load_weights,
+    module_masks,
+    pattern_key,
+    save_weights,
+    shrink_state_dict,
+)
+from ._modules_to_save import ModulesToSaveWrapper
+from ._signature import ForwardWithSignature
+from ._targets import default_target_modules
+
+__all__ = ["AdaLoraModel"]
+
+logger = logging.getLogger(__name__)
+
+# Forward calls (training mode, with a loss) after which a run that never calls
+# update_and_allocate is told that AdaLoRA is acting as plain LoRA.
+_PLAIN_LORA_FORWARDS = 10
+
+
+def _matches(name: str, targets: Sequence[str] | str) -> bool:
+    # PEFT's semantics: a string is a full-match regex; a list entry matches the whole name or
+    # its last dot-separated components
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _inside(name: str, prefixes: Sequence[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def filter_missing_base_keys(result: Any, state_dict: Any, owned: set[str], strict: bool) -> Any:
+    """Drop base-model keys from ``result.missing_keys`` when a non-strict load got adapter
+    entries only (``owned``: the adapter keys of the module loaded into)."""
+    if strict or not state_dict or not set(state_dict) <= owned:
+        return result
+    missing = [k for k in result.missing_keys if k in owned]
+    return type(result)(missing, result.unexpected_keys)
+
+
+class AdaLoraModel(nn.Module):
+    """AdaLoRA (adaptive LoRA) on a transformers model: PEFT's ``AdaLoraModel``, validated.
+
+    ``AdaLoraModel(model, config, adapter_name="default")`` replaces the ``target_modules`` of
+    ``model`` in place by SVD adapter layers of rank ``config.init_r`` (defaults per model type
+    when ``target_modules`` is None), freezes everything but the adapter (and the ``bias`` mode's
+    biases and the ``modules_to_save`` copies), and, unless ``config.inference_mode``, builds the
+    rank allocator. One adapter trains; more can be added with ``inference_mode=True``.
+
+    Training loop (the documented one; ``base_model`` is this object)::
+
+        loss = model(**batch).loss          # + orth_reg_weight * orthogonal penalty
+        loss.backward()
+        optimizer.step()
+        model.base_model.update_and_allocate(i_step)
+        optimizer.zero_grad()
+
+    With ``transformers.Trainer``, add ``AdaLoraCallback()`` instead of calling
+    ``update_and_allocate``. Attributes: ``model`` (the wrapped model), ``peft_config``
+    (adapter name -> this model's copy of its config; the allocator records
+    ``rank_pattern`` there), ``rankallocator`` (the ``adalora_torch.RankAllocator``, or None).
+    """
+
+    active_adapters: list[str]
+
+    def __init__(
+        self, model: nn.Module, config: AdaLoraConfig, adapter_name: str = "default"
+    ) -> None:
+        super().__init__()
+        self._setup(model)
+        self.active_adapters = [adapter_name]
+        self._add(adapter_name, config, shrink={})
+
+    def _setup(self, model: nn.Module) -> None:
+        self.model = model
+        self.peft_config: dict[str, AdaLoraConfig] = {}
+        self.active_adapters = []
+        self.trainable_adapter_name: str | None = None
+        self.rankallocator: RankAllocator | None = None
+        self._allocator_total_step: int | None = None
+        self._adapters_disabled = False
+        # for the "acting as plain LoRA" warning
+        self._allocate_calls = 0
+        self._train_forwards = 0
+        self._param_snapshot: torch.Tensor | None = None
+        self._optimizer_steps_seen = 0
+        self._warned_plain_lora = False
+        # set by AdaLoraCallback while the Trainer writes a checkpoint (see state_dict)
+        self.adapter_only_state_dict = False
+
+    # -- attribute forwarding (as PEFT) -------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    @property
+    def base_model(self) -> AdaLoraModel:
+        """This model, so that ``model.base_model.update_and_allocate(step)`` works as in PEFT's
+        documented loop whether ``model`` is an ``AdaLoraModel`` or ``get_peft_model``'s result."""
+        return self
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped transformers model (with the adapter layers in it)."""
+        return self.model
+
+    def wrapped_forward(self) -> Any:
+        """The wrapped model's ``forward`` (its signature is reported as this one's)."""
+        return self.model.forward
+
+    @property
+    def active_adapter(self) -> str:
+        """The first active adapter."""
+        return self.active_adapters[0]
+
+    # -- building -----------------------------------------------------------------------------
+    def _svd_layers(self, adapter_name: str | None = None) -> list[tuple[str, Any]]:
+        # the adalora_torch layers (SVDLinear, ...), typed loosely: they carry more than the
+        # SVDAdapter protocol (set_adapter, merge, disable_adapters, ...)
+        return [
+            (n, m)
+            for n, m in self.model.named_modules()
+            if isinstance(m, SVDAdapter) and (adapter_name is None or adapter_name in m.lora_A)
+        ]
+
+    def _wrappers(self) -> list[tuple[str, ModulesToSaveWrapper]]:
+        return [
+            (n, m) for n, m in self.model.named_modules() if isinstance(m, ModulesToSaveWrapper)
+        ]
+
+    def _target_names(self, config: AdaLoraConfig) -> list[str]:
+        targets = config.target_modules
+        assert targets is not None
+        skip = [n for n, _ in self._wrappers()]
+        skip += [
+            n
+            for n, _ in self.model.named_modules()
+            if n and config.modules_to_save and _matches(n, config.modules_to_save)
+        ]
+        svd = [n for n, _ in self._svd_layers()]
+        names = []
+        for name, _ in self.model.named_modules():
+            if not name or _inside(name, skip):
+                continue
+            if any(name.startswith(p + ".") for p in svd):
+                continue  # the insides of an adapter layer
+            if _matches(name, targets):
+                names.append(name)
+        return names
+
+    def add_adapter(self, adapter_name: str, config: AdaLoraConfig) -> None:
+        """Add a second (third, ...) adapter; it is not made active (see ``set_adapter``).
+
+        Only one adapter can train: a config without ``inference_mode=True`` while another
+        adapter trains is a ``ValueError``.
+        """
+        self._add(adapter_name, config, shrink={})
+
+    def _add(self, adapter_name: str, config: AdaLoraConfig, shrink: dict[str, list[bool]]) -> None:
+        if not isinstance(config, AdaLoraConfig):
+            raise TypeError(
+                f"config must be an adalora_hf.AdaLoraConfig, got {type(config).__name__}; "
+                "this library implements AdaLoRA only."
+            )
+        if adapter_name in self.peft_config:
+            raise ValueError(
+                f"Adapter {adapter_name!r} already exists; pick another name or delete_adapter "
+                "it first."
+            )
+        if not config.inference_mode and self.trainable_adapter_name is not None:
+            raise ValueError(
+                f"AdaLoraModel trains one adapter and {self.trainable_adapter_name!r} already "
+                f"trains: add {adapter_name!r} with inference_mode=True, or delete_adapter "
+                f"{self.trainable_adapter_name!r} first."
+            )
+        config.validate()
+        cfg = copy.deepcopy(config)
+        if cfg.target_modules is None:
+            model_type = getattr(getattr(self.model, "config", None), "model_type", None)
+            cfg.target_modules = default_target_modules(model_type)
+        names = self._target_names(cfg)
+        if not names:
+            raise ValueError(
+                f"No module matches target_modules={cfg.target_modules!r}: list entries match a "
+                "module name or its last components, a string is a full-match regex. Some "
+                f"module names: {[n for n, _ in self.model.named_modules() if n][:12]}."
+            )
+        exact = "|".join(re.escape(n) for n in names)
+        adapted = inject_adapters(
+            self.model,
+            exact,
+            adapter_name=adapter_name,
+            rank=cfg.init_r,
+            alpha=float(cfg.lora_alpha),
+            dropout=float(cfg.lora_dropout),
+            fan_in_fan_out=cfg.fan_in_fan_out,
+            layers_to_transform=cfg.layers_to_transform,
+            layers_pattern=cfg.layers_pattern,
+            init_weights=bool(cfg.init_lora_weights),
+        )
+        self.peft_config[adapter_name] = cfg
+        if any(getattr(self.model.get_submodule(n), "fan_in_fan_out", False) for n in adapted):
+            cfg.fan_in_fan_out = True  # transformers' Conv1D (GPT-2), recorded as PEFT does
+        for name in adapted:
+            layer: Any = self.model.get_submodule(name)
+            if name in shrink:  # loading a shrunk adapter: ranks from its rank pattern
+                keep = torch.tensor(shrink[name], dtype=torch.bool)
+                layer.set_rank(adapter_name, keep.to(layer.lora_A[adapter_name].device))
+            layer.set_adapter([a for a in self.active_adapters if a in layer.lora_A])
+        if not cfg.inference_mode:
+            # freezes everything else: the base model and any inference-only adapter
+            mark_only_adapters_trainable(self.model, adapter_name, cfg.bias)
+        elif self.trainable_adapter_name is None:
+            self.model.requires_grad_(False)  # nothing trains
+        else:
+            for _, layer in self._svd_layers(adapter_name):
+                for d in (layer.lora_A, layer.lora_E, layer.lora_B):
+                    d[adapter_name].requires_grad_(False)
+        self._wrap_modules_to_save(adapter_name, cfg)
+        if not cfg.inference_mode:
+            self.trainable_adapter_name = adapter_name
+            self.rankallocator = RankAllocator(
+                self.model,
+                target_r=cfg.target_r,
+                tinit=cfg.tinit,
+                tfinal=cfg.tfinal,
+                total_step=cfg.total_step,
+                deltaT=cfg.deltaT,
+                beta1=cfg.beta1,
+                beta2=cfg.beta2,
+                adapter_name=adapter_name,
+            )
+            self._allocator_total_step = cfg.total_step
+
+    def _wrap_modules_to_save(self, adapter_name: str, cfg: AdaLoraConfig) -> None:
+        if not cfg.modules_to_save:
+            return
+        trainable = not cfg.inference_mode
+        wrappers = dict(self._wrappers())
+        svd = [n for n, _ in self._svd_layers()]
+        candidates = [n for n, _ in self.model.named_modules() if n]
+        for name in candidates:
+            if not _matches(name, cfg.modules_to_save):
+                continue
+            if name in wrappers:
+                wrapper = wrappers[name]
+            elif _inside(name, list(wrappers)) or _inside(name, svd):
+                continue
+            else:
+                parent, _, child = name.rpartition(".")
+                wrapper = ModulesToSaveWrapper(self.model.get_submodule(name))
+                setattr(self.model.get_submodule(parent), child, wrapper)
+                wrappers[name] = wrapper
+            wrapper.add_adapter(adapter_name, trainable)
+            if adapter_name in self.active_adapters:
+                wrapper.set_adapter(adapter_name)
+
+    # -- adapters -----------------------------------------------------------------------------
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Make ``adapter_name`` (or a list of names) the active adapter(s)."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown or not names:
+            raise ValueError(
+                f"Unknown adapters {unknown or names}; this model has {list(self.peft_config)}."
+            )
+        self.active_adapters = names
+        for _, layer in self._svd_layers():
+            layer.set_adapter([a for a in names if a in layer.lora_A])
+        for _, wrapper in self._wrappers():
+            wrapper.set_adapter(next((a for a in names if a in wrapper.modules_to_save), None))
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter from every layer (and its allocator if it is the trainable one)."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(
+                f"No adapter {adapter_name!r}; this model has {list(self.peft_config)}."
+            )
+        for _, layer in self._svd_layers(adapter_name):
+            layer.delete_adapter(adapter_name)
+        for _, wrapper in self._wrappers():
+            wrapper.delete_adapter(adapter_name)
+        del self.peft_config[adapter_name]
+        if adapter_name == self.trainable_adapter_name:
+            self.trainable_adapter_name = None
+            self.rankallocator = None
+        remaining = [a for a in self.active_adapters if a != adapter_name]
+        if not remaining and self.peft_config:
+            remaining = [next(iter(self.peft_config))]
+        if remaining:
+            self.set_adapter(remaining)
+        else:
+            self.active_adapters = []
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Context manager: run the base model alone (merged adapters are unmerged)."""
+        layers = [m for _, m in self._svd_layers()] + [m for _, m in self._wrappers()]
+        before = [layer.disable_adapters for layer in layers]
+        disabled_before = self._adapters_disabled
+        try:
+            for layer in layers:
+                layer.disable_adapters = True
+            self._adapters_disabled = True
+            yield
+        finally:
+            for layer, flag in zip(layers, before):
+                layer.disable_adapters = flag
+            self._adapters_disabled = disabled_before
+
+    # -- forward ------------------------------------------------------------------------------
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the wrapped model; in training mode add ``orth_reg_weight * penalty`` to
+        ``outputs.loss`` when it is a tensor (the orthogonality of the trainable A and B)."""
+        outputs = self.model(*args, **kwargs)
+        name = self.trainable_adapter_name
+        loss = getattr(outputs, "loss", None)
+        if name is None or not self.training or not isinstance(loss, torch.Tensor):
+            return outputs
+        self._note_training_forward()
+        weight = self.peft_config[name].orth_reg_weight
+        if weight > 0 and not self._adapters_disabled:
+            penalty = orthogonal_penalty(self.model, adapter_name=name)
+            outputs.loss = (loss + weight * penalty.to(loss.device)).to(loss.dtype)
+        return outputs
+
+    forward = ForwardWithSignature(_forward)  # type: ignore[assignment]
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's ``generate`` (language models), adapters active."""
+        return self.model.generate(*args, **kwargs)  # type: ignore[operator]
+
+    def _note_training_forward(self) -> None:
+        # Optimizer steps are seen as a change of one small trainable tensor between forward
+        # passes (version counters miss fused optimizers), so gradient accumulation does not
+        # trigger the warning. Checks stop at the first update_and_allocate call.
+        if self._allocate_calls or self._warned_plain_lora:
+            return
+        self._train_forwards += 1
+        name = self.trainable_adapter_name
+        layers = self._svd_layers(name)
+        if layers and name is not None:
+            current = layers[0][1].lora_A[name].detach()
+            before = self._param_snapshot
+            if (
+                before is not None
+                and before.device == current.device
+                and not torch.equal(current, before)
+            ):
+                self._optimizer_steps_seen += 1
+            self._param_snapshot = current.clone()
+        if self._train_forwards >= _PLAIN_LORA_FORWARDS and self._optimizer_steps_seen >= 1:
+            self._warned_plain_lora = True
+            warnings.warn(
+                f"AdaLoRA is acting as plain LoRA: {self._train_forwards} training forward "
+                "passes and no call of update_and_allocate, so no rank is ever reallocated. "
+                "Call model.base_model.update_and_allocate(step) after optimizer.step() (before "
+                "zero_grad()), or add adalora_hf.AdaLoraCallback() to the Trainer's callbacks.",
+                UserWarning,
+                stacklevel=4,
+            )
+
+    # -- rank allocation ----------------------------------------------------------------------
+    def _trainable(self) -> str:
+        if self.trainable_adapter_name is None or self.rankallocator is None:
+            raise ValueError(
+                "This model has no trainable adapter (all adapters have inference_mode=True): "
+                "load it with is_trainable=True or add an adapter with inference_mode=False."
+            )
+        return self.trainable_adapter_name
+
+    def set_total_step(self, total_step: int) -> None:
+        """Set ``total_step`` of the trainable adapter (what ``AdaLoraCallback`` does)."""
+        name = self._trainable()
+        cfg = self.peft_config[name]
+        old = cfg.total_step
+        cfg.total_step = total_step
+        try:
+            cfg.check_schedule()
+        except ValueError:
+            cfg.total_step = old
+            raise
+        self._sync_total_step(cfg)
+
+    def _sync_total_step(self, cfg: AdaLoraConfig) -> None:
+        assert self.rankallocator is not None and cfg.total_step is not None
+        if cfg.total_step != self._allocator_total_step:
+            self.rankallocator.set_total_step(cfg.total_step)
+            self._allocator_total_step = cfg.total_step
+
+    def update_and_allocate(self, global_step: int) -> int:
+        """Update the importance scores, reallocate the rank budget, mask E.
+
+        Call it once per optimizer step, after ``optimizer.step()`` and before
+        ``optimizer.zero_grad()`` (the gradients are read)::
+
+            loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            model.base_model.update_and_allocate(i_step)
+            optimizer.zero_grad()
+
+        ``tinit``, ``tfinal`` and ``deltaT`` are handled here (see ``AdaLoraConfig``); steps
+        must increase. Each allocation records ``peft_config[adapter].rank_pattern`` in PEFT's
+        form, ``{"<module>.lora_E.<adapter>": [bool, ...]}``. Returns the budget (number of
+        triplets allowed) at this step. Raises ``ValueError`` when ``total_step`` is unset.
+        """
+        name = self._trainable()
+        cfg = self.peft_config[name]
+        cfg.check_schedule(require_total_step=True)
+        self._sync_total_step(cfg)
+        assert self.rankallocator is not None
+        budget, pattern = self.rankallocator.update_and_allocate(global_step)
+        self._allocate_calls += 1
+        if pattern is not None:
+            cfg.rank_pattern = {pattern_key(m, name): list(mask) for m, mask in pattern.items()}
+        return budget
+
+    @property
+    def rank_pattern(self) -> dict[str, list[bool]] | None:
+        """The trainable (else the active) adapter's recorded pattern, PEFT's form; None before
+        the first allocation."""
+        name = self.trainable_adapter_name or self.active_adapter
+        return self.peft_config[name].rank_pattern
+
+    def total_rank(self, adapter_name: str | None = None) -> int:
+        """Triplets kept now over all matrices of an adapter (default: the trainable one, else
+        the active one): the sum of its rank pattern, or of its layers' ranks before one."""
+        name = adapter_name or self.trainable_adapter_name or self.active_adapter
+        masks = module_masks(self.peft_config[name].rank_pattern, name)
+        total = 0
+        for path, layer in self._svd_layers(name):
+            rank = int(layer.lora_E[name].shape[0])
+            mask = masks.get(path)
+            total += sum(mask) if mask is not None and len(mask) == rank else rank
+        return total
+
+    # -- merging ------------------------------------------------------------------------------
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Add the adapters' ``ΔW`` (default: the active ones) into the base weights."""
+        for _, layer in self._svd_layers():
+            names = self.active_adapters if adapter_names is None else adapter_names
+            layer.merge(
+                safe_merge=safe_merge, adapter_names=[n for n in names if n in layer.lora_A]
+            )
+
+    def unmerge(self) -> None:
+        """Subtract every merged adapter from the base weights."""
+        for _, layer in self._svd_layers():
+            layer.unmerge()
+
+    merge_adapter = merge
+    unmerge_adapter = unmerge
+
+    def _unload(self, merge: bool, safe_merge: bool, adapter_names: list[str] | None) -> nn.Module:
+        if merge:
+            self.merge(adapter_names=adapter_names, safe_merge=safe_merge)
+        for path, layer in self._svd_layers():
+            parent, _, child = path.rpartition(".")
+            setattr(self.model.get_submodule(parent), child, layer.base_layer)
+        for path, wrapper in self._wrappers():
+            parent, _, child = path.rpartition(".")
+            setattr(self.model.get_submodule(parent), child, wrapper.current())
+        return self.model
+
+    def merge_and_unload(
+        self,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+    ) -> nn.Module:
+        """Merge the adapters into the base weights and return the plain transformers model
+        (``modules_to_save`` replaced by the trained copies). ``progressbar`` is accepted for
+        PEFT's signature and ignored."""
+        return self._unload(True, safe_merge, adapter_names)
+
+    def unload(self) -> nn.Module:
+        """Return the base model without the adapters (unmerged, adapters discarded)."""
+        self.unmerge()
+        return self._unload(False, False, None)
+
+    # -- parameters ---------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable parameters, all parameters)``."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        """Print the trainable and total parameter counts, as PEFT does."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * trainable / max(total, 1):.4f}"
+        )
+
+    # -- state dicts and checkpoints ----------------------------------------------------------
+    def adapter_state_keys(self) -> set[str]:
+        """Keys of ``state_dict()`` that belong to the adapters rather than the base model:
+        every adapter's ``lora_A``/``lora_E``/``lora_B``/``ranknum``, the ``modules_to_save``
+        copies and any other trainable parameter (the ``bias`` mode's biases)."""
+        keys: set[str] = set()
+        for path, layer in self._svd_layers():
+            for kind in ("lora_A", "lora_E", "lora_B", "ranknum"):
+                keys.update(f"model.{path}.{kind}.{name}" for name in getattr(layer, kind))
+        for path, wrapper in self._wrappers():
+            for name, copy_ in wrapper.modules_to_save.items():
+                keys.update(f"model.{path}.modules_to_save.{name}.{k}" for k in copy_.state_dict())
+        keys.update(n for n, p in self.named_parameters() if p.requires_grad)
+        return keys
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        """``nn.Module.state_dict`` (PEFT's keys); while ``adapter_only_state_dict`` is set
+        (``AdaLoraCallback`` sets it while the Trainer writes a checkpoint) only the adapter
+        entries, so checkpoints are small and tied weights never reach safetensors twice."""
+        out = super().state_dict(*args, **kwargs)
+        if self.adapter_only_state_dict:
+            prefix = kwargs.get("prefix", "")
+            keep = {prefix + k for k in self.adapter_state_keys()}
+            for key in [k for k in out if k.startswith(prefix) and k not in keep]:
+                del out[key]
+        return out
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``; a non-strict load of adapter entries only (a Trainer
+        checkpoint) does not report the base model's keys as missing."""
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        return filter_missing_base_keys(result, state_dict, self.adapter_state_keys(), strict)
+
+    def save_allocator_state(self, directory: str | os.PathLike[str]) -> None:
+        """Write the rank allocator's state (importance EMAs, step, pattern) into
+        ``directory``, without pickle, so a resumed run allocates as an uninterrupted one."""
+        self._trainable()
+        assert self.rankallocator is not None
+        save_allocator_state(self.rankallocator, os.fspath(directory))
+
+    def load_allocator_state(self, directory: str | os.PathLike[str]) -> bool:
+        """Restore what ``save_allocator_state`` wrote; False when ``directory`` has none."""
+        name = self._trainable()
+        assert self.rankallocator is not None
+        cfg = self.peft_config[name]
+        if cfg.total_step is not None:
+            self._sync_total_step(cfg)
+        if not load_allocator_state(self.rankallocator, os.fspath(directory)):
+            return False
+        total_step = self.rankallocator.total_step
+        if cfg.total_step is None and total_step is not None:
+            cfg.total_step = self._allocator_total_step = total_step
+        pattern = self.rankallocator.rank_pattern
+        if pattern is not None:
+            cfg.rank_pattern = {pattern_key(m, name): list(v) for m, v in pattern.items()}
+        self._allocate_calls += 1
+        return True
+
+    # -- saving and loading -------------------------------------------------------------------
+    def adapter_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+        """The tensors PEFT saves for an adapter, under PEFT's file keys, shrunk by its
+        rank pattern: ``base_model.model.<path>.lora_A|lora_E|lora_B``, the ``bias`` mode's
+        biases and the ``modules_to_save`` copies (``base_model.model.<module>.<param>``)."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(
+                f"No adapter {adapter_name!r}; this model has {list(self.peft_config)}."
+            )
+        cfg = self.peft_config[adapter_name]
+        state: dict[str, torch.Tensor] = {}
+        wrapper_paths = [n for n, _ in self._wrappers()]
+        for path, layer in self._svd_layers(adapter_name):
+            for kind in ("lora_A", "lora_E", "lora_B"):
+                state[f"{PEFT_PREFIX}{path}.{kind}"] = getattr(layer, kind)[adapter_name].detach()
+            bias = getattr(layer.base_layer, "bias", None)
+            if cfg.bias == "lora_only" and isinstance(bias, torch.Tensor):
+                state[f"{PEFT_PREFIX}{path}.base_layer.bias"] = bias.detach()
+        if cfg.bias == "all":
+            for pname, p in self.model.named_parameters():
+                if (pname == "bias" or pname.endswith(".bias")) and not _inside(
+                    pname, wrapper_paths
+                ):
+                    state[f"{PEFT_PREFIX}{pname}"] = p.detach()
+        for path, wrapper in self._wrappers():
+            if adapter_name in wrapper.modules_to_save:
+                for k, v in wrapper.modules_to_save[adapter_name].state_dict().items():
+                    state[f"{PEFT_PREFIX}{path}.{k}"] = v.detach()
+        return shrink_state_dict(state, module_masks(cfg.rank_pattern, adapter_name))
+
+    def _config_to_save(self, adapter_name: str) -> AdaLoraConfig:
+        cfg = copy.deepcopy(self.peft_config[adapter_name])
+        masks = module_masks(cfg.rank_pattern, adapter_name)
+        cfg.rank_pattern = {pattern_key(m): v for m, v in masks.items()} if masks else None
+        cfg.inference_mode = True
+        if cfg.base_model_name_or_path is None:
+            cfg.base_model_name_or_path = self.model.__dict__.get("name_or_path") or None
+        if cfg.task_type is None:
+            cls = type(self.model)
+            cfg.auto_mapping = {"base_model_class": cls.__name__, "parent_library": cls.__module__}
+        return cfg
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike[str],
+        selected_adapters: list[str] | None = None,
+        is_main_process: bool = True,
+    ) -> None:
+        """Write PEFT's files: ``adapter_config.json`` and ``adapter_model.safetensors``.
+
+        The ``"default"`` adapter goes into ``save_directory``, any other adapter into
+        ``save_directory/<name>`` (as PEFT). Tensors are shrunk by the rank pattern and the
+        config is written with ``inference_mode=True``, so ``peft.PeftModel.from_pretrained``
+        and ``AdaLoraModel.from_pretrained`` both load the result.
+        """
+        if not is_main_process:
+            return
+        save_directory = os.fspath(save_directory)
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        for name in names:
+            out = save_directory if name == "default" else os.path.join(save_directory, name)
+            os.makedirs(out, exist_ok=True)
+            cfg = self._config_to_save(name)
+            if cfg.total_step is None:
+                logger.warning(
+                    "Saving adapter %r with total_step=None: peft.PeftModel.from_pretrained "
+                    "refuses AdaLoRA configs without total_step (adalora loads them).",
+                    name,
+                )
+            save_weights(self.adapter_state_dict(name), out)
+            cfg.save_pretrained(out)
+
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike[str],
+        adapter_name: str,
+        is_trainable: bool = False,
+    ) -> None:
+        """Load an adapter saved by ``save_pretrained`` here or by PEFT (safetensors only).
+
+        A shrunk adapter (a ``rank_pattern`` in its config) gets per-module ranks from the
+        pattern and keeps ``ranknum = init_r``, so its outputs are the saved model's.
+        """
+        path = os.fspath(model_id)
+        config = AdaLoraConfig.from_pretrained(path)
+        config.inference_mode = not is_trainable
+        weights = load_weights(path)
+        masks = module_masks(config.rank_pattern, adapter_name)
+        shrink: dict[str, list[bool]] = {}
+        for module, mask in masks.items():
+            a = weights.get(f"{PEFT_PREFIX}{module}.lora_A")
+            if a is not None and a.shape[0] == sum(mask) and a.shape[0] != len(mask):
+                shrink[module] = mask
+        self._add(adapter_name, config, shrink=shrink)
+        self._load_weights(adapter_name, weights)
+        if not is_trainable:
+            self.eval()
+
+    def _load_weights(self, adapter_name: str, weights: dict[str, torch.Tensor]) -> None:
+        targets: dict[str, torch.Tensor] = {}
+        for path, layer in self._svd_layers(adapter_name):
+            for kind in ("lora_A", "lora_E", "lora_B"):
+                targets[f"{PEFT_PREFIX}{path}.{kind}"] = getattr(layer, kind)[adapter_name]
+        for path, wrapper in self._wrappers():
+            if adapter_name in wrapper.modules_to_save:
+                for k, v in (
+                    wrapper.modules_to_save[adapter_name].state_dict(keep_vars=True).items()
+                ):
+                    targets[f"{PEFT_PREFIX}{path}.{k}"] = v
+        params = dict(self.model.named_parameters())
+        missing = [k for k in targets if k not in weights]
+        if missing:
+            raise ValueError(
+                f"The adapter file lacks {len(missing)} tensors of adapter {adapter_name!r}, "
+                f"e.g. {missing[:3]}: it was saved for another model or target_modules."
+            )
+        unexpected = []
+        with torch.no_grad():
+            for key, value in weights.items():
+                dst = targets.get(key)
+                if dst is None and key.startswith(PEFT_PREFIX):
+                    dst = params.get(key[len(PEFT_PREFIX) :])  # biases (bias modes)
+                if dst is None:
+                    unexpected.append(key)
+                    continue
+                if dst.shape != value.shape:
+                    raise ValueError(
+                        f"{key}: the file has shape {tuple(value.shape)}, the model "
+                        f"{tuple(dst.shape)}: the adapter belongs to another model or init_r."
+                    )
+                dst.copy_(value.to(dst.device, dst.dtype))
+        if unexpected:
+            warnings.warn(
+                f"Ignoring {len(unexpected)} tensors of the adapter file that match nothing in "
+                f"the model, e.g. {unexpected[:3]}.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike[str],
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+    ) -> AdaLoraModel:
+        """Wrap ``model`` with the adapter saved at ``model_id`` (a local directory).
+
+        ``is_trainable=False`` (the default, as PEFT) loads it frozen in eval mode.
+        """
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._setup(model)
+        self.active_adapters = [adapter_name]
+        self.load_adapter(model_id, adapter_name, is_trainable=is_trainable)
+        return self
