@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from ._checkpoint import ALLOCATOR_STATE
 from ._model import AdaLoraModel
 
 __all__ = ["AdaLoraCallback"]
@@ -37,6 +38,21 @@ def find_adalora_model(model: Any) -> AdaLoraModel:
 
 def _checkpoint_dir(args: TrainingArguments, state: TrainerState) -> str:
     return os.path.join(args.output_dir or "", f"{_CHECKPOINT_PREFIX}-{state.global_step}")
+
+
+def _earlier_complete_checkpoint(args: TrainingArguments, step: int) -> str:
+    """A hint naming the latest earlier checkpoint that has the allocator state (the Trainer
+    writes it last, so a run killed while saving leaves a checkpoint without it)."""
+    root = args.output_dir or ""
+    found = []
+    for name in os.listdir(root) if os.path.isdir(root) else []:
+        head, _, number = name.partition("-")
+        complete = os.path.isfile(os.path.join(root, name, ALLOCATOR_STATE))
+        if head == _CHECKPOINT_PREFIX and number.isdigit() and int(number) < step and complete:
+            found.append((int(number), os.path.join(root, name)))
+    if not found:
+        return ""
+    return f" (if the run was killed while saving, resume from {max(found)[1]!r}, which has it)"
 
 
 class AdaLoraCallback(TrainerCallback):
@@ -94,7 +110,9 @@ class AdaLoraCallback(TrainerCallback):
                 warnings.warn(
                     f"Resuming at step {state.global_step} without the rank allocator's state "
                     f"(none in {directory!r}): the importance scores restart from zero. Resume "
-                    "from a checkpoint written with AdaLoraCallback in the Trainer's callbacks.",
+                    "from a checkpoint written with AdaLoraCallback in the Trainer's callbacks"
+                    + _earlier_complete_checkpoint(args, state.global_step)
+                    + ".",
                     UserWarning,
                     stacklevel=2,
                 )

@@ -13,6 +13,8 @@ import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from ._io import interrupted_save_hint, write_file_atomic
+
 __all__ = ["CONFIG_NAME", "AdaLoraConfig"]
 
 logger = logging.getLogger(__name__)
@@ -364,25 +366,62 @@ class AdaLoraConfig:
             data["use_rslora"] = False
         return cls(**data)
 
+    def to_json_bytes(self) -> bytes:
+        """The content of ``adapter_config.json`` (indented, keys sorted)."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True).encode("utf-8")
+
     def save_pretrained(self, save_directory: str | os.PathLike[str]) -> None:
-        """Write ``adapter_config.json`` into ``save_directory`` (created if needed)."""
+        """Write ``adapter_config.json`` into ``save_directory`` (created if needed), atomically:
+        after a crash the file is the old one or the new one, never a truncated one."""
         save_directory = os.fspath(save_directory)
-        if os.path.isfile(save_directory):
+        if os.path.exists(save_directory) and not os.path.isdir(save_directory):
             raise ValueError(f"{save_directory!r} is a file; pass a directory.")
+        data = self.to_json_bytes()
         os.makedirs(save_directory, exist_ok=True)
-        with open(os.path.join(save_directory, CONFIG_NAME), "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+        write_file_atomic(os.path.join(save_directory, CONFIG_NAME), data)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str]) -> AdaLoraConfig:
-        """Read ``adapter_config.json`` from a directory (or the file itself), see ``from_dict``."""
+        """Read ``adapter_config.json`` from a directory (or the file itself), see ``from_dict``.
+
+        Raises ``FileNotFoundError`` when there is none, ``ValueError`` when it is not a JSON
+        object or holds invalid settings, ``NotImplementedError`` for PEFT features this library
+        does not implement.
+        """
         path = os.fspath(path)
         file = os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else path
         if not os.path.isfile(file):
-            raise FileNotFoundError(
-                f"No {CONFIG_NAME} at {path!r}: pass the directory written by save_pretrained "
-                "(nothing is downloaded from the Hub)."
+            raise FileNotFoundError(_not_found(path))
+        try:
+            with open(file, encoding="utf-8") as f:
+                data = json.load(f)
+        except ValueError as err:  # json.JSONDecodeError and UnicodeDecodeError
+            raise ValueError(
+                f"{file} is not valid JSON ({err}): the file is truncated or corrupted. Save the "
+                "adapter again, or restore the adapter_config.json written with its weights."
+            ) from None
+        if not isinstance(data, dict):
+            raise ValueError(
+                f"{file} holds a JSON {type(data).__name__}, not an object of config fields: it "
+                "is not an adapter config. Pass the directory written by save_pretrained."
             )
-        with open(file, encoding="utf-8") as f:
-            data = json.load(f)
         return cls.from_dict(data)
+
+
+def _not_found(path: str) -> str:
+    if not os.path.exists(path):
+        return (
+            f"No adapter at {path!r}: the path does not exist (nothing is downloaded from the "
+            "Hub; pass the local directory written by save_pretrained)."
+            + interrupted_save_hint(path)
+        )
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+        return (
+            f"{path!r} has no {CONFIG_NAME} but a config.json: it looks like a transformers model "
+            "directory, not an adapter. Load the base model from it and pass the adapter's "
+            "directory (the one with adapter_config.json and adapter_model.safetensors) here."
+        )
+    return (
+        f"No {CONFIG_NAME} at {path!r}: pass the directory written by save_pretrained "
+        "(nothing is downloaded from the Hub)."
+    )

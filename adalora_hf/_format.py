@@ -10,25 +10,49 @@ disk and ``<path>.lora_E.<adapter>`` in a live PEFT model; both forms are accept
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
+
+from ._config import CONFIG_NAME
+from ._io import write_file_atomic
 
 __all__ = [
     "PEFT_PREFIX",
+    "STAMPED_FIELDS",
     "WEIGHTS_NAME",
+    "check_config_stamp",
     "load_weights",
     "module_masks",
     "pattern_key",
+    "read_weights",
     "save_weights",
     "shrink_state_dict",
+    "weights_bytes",
 ]
 
 PEFT_PREFIX = "base_model.model."
 WEIGHTS_NAME = "adapter_model.safetensors"
 _PICKLE_NAME = "adapter_model.bin"
+STAMP_KEY = "adalora_config"
+# config fields that give the saved tensors their meaning (copied into the weights' metadata)
+STAMPED_FIELDS = (
+    "peft_type",
+    "target_modules",
+    "init_r",
+    "lora_alpha",
+    "fan_in_fan_out",
+    "bias",
+    "modules_to_save",
+    "layers_to_transform",
+    "layers_pattern",
+    "rank_pattern",
+)
 
 
 def pattern_key(module: str, adapter_name: str | None = None) -> str:
@@ -83,26 +107,98 @@ def shrink_state_dict(
     return out
 
 
-def save_weights(state: Mapping[str, torch.Tensor], directory: str) -> str:
-    """Write ``adapter_model.safetensors`` (contiguous CPU copies, no shared storage)."""
+def weights_bytes(
+    state: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None = None
+) -> bytes:
+    """``adapter_model.safetensors`` as bytes (contiguous CPU copies, no shared storage).
+
+    With ``config`` (the dict written to ``adapter_config.json``) the metadata also holds a
+    copy of the fields that give the tensors their meaning (``adalora_config``), so that a
+    weights file next to a config from another save is refused (``check_config_stamp``).
+    """
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    metadata = {"format": "pt"}
+    if config is not None:
+        metadata[STAMP_KEY] = _stamp(config)
+    return bytes(save(tensors, metadata=metadata))
+
+
+def save_weights(
+    state: Mapping[str, torch.Tensor], directory: str, config: Mapping[str, Any] | None = None
+) -> str:
+    """Write ``adapter_model.safetensors`` into ``directory`` atomically (see ``_io``)."""
     path = os.path.join(directory, WEIGHTS_NAME)
-    save_file(tensors, path, metadata={"format": "pt"})
+    write_file_atomic(path, weights_bytes(state, config))
     return path
 
 
-def load_weights(directory: str) -> dict[str, torch.Tensor]:
-    """Read ``adapter_model.safetensors`` from ``directory``; pickled files are refused."""
+def _stamp(config: Mapping[str, Any]) -> str:
+    return json.dumps({k: config.get(k) for k in STAMPED_FIELDS}, sort_keys=True)
+
+
+def check_config_stamp(metadata: Mapping[str, str], config: Mapping[str, Any], where: str) -> None:
+    """Raise ``ValueError`` when the weights were saved with other values of the fields that
+    give them their meaning than ``config`` has (files from two saves; files without the
+    stamp, e.g. PEFT's, pass)."""
+    raw = metadata.get(STAMP_KEY)
+    if raw is None:
+        return
+    try:
+        saved = json.loads(raw)
+    except ValueError:
+        saved = None
+    if not isinstance(saved, dict):
+        raise ValueError(
+            f"{where}: the {STAMP_KEY!r} metadata of {WEIGHTS_NAME} is not a JSON object: the "
+            "file is corrupted; save the adapter again."
+        )
+    now = json.loads(_stamp(config))
+    differ = [k for k in STAMPED_FIELDS if k in saved and saved[k] != now[k]]
+    if differ:
+        raise ValueError(
+            f"{where}: {WEIGHTS_NAME} and {CONFIG_NAME} come from different saves (they "
+            f"disagree on {differ}): a save was interrupted between the two files, or "
+            f"{CONFIG_NAME} was edited by hand. Save the adapter again, or put back the "
+            f"{CONFIG_NAME} written with these weights."
+        )
+
+
+def read_weights(directory: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` of ``adapter_model.safetensors`` in ``directory``.
+
+    Raises ``FileNotFoundError`` when it is missing, ``ValueError`` when only the pickled
+    ``adapter_model.bin`` is there (never loaded; the message says how to convert it) or
+    when the file is truncated or corrupted.
+    """
     path = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(path):
-        if os.path.isfile(os.path.join(directory, _PICKLE_NAME)):
+        pickled = os.path.join(directory, _PICKLE_NAME)
+        if os.path.isfile(pickled):
             raise ValueError(
                 f"{directory!r} holds only {_PICKLE_NAME} (pickle), which adalora never loads: "
                 "re-save the adapter with safetensors (PEFT: save_pretrained(..., "
-                "safe_serialization=True), the default)."
+                "safe_serialization=True), the default), or convert the file if you trust it: "
+                f'python -c "import torch; from safetensors.torch import save_file; '
+                f"save_file(torch.load('{pickled}', weights_only=True), "
+                f"'{path}')\"."
             )
         raise FileNotFoundError(
             f"No {WEIGHTS_NAME} in {directory!r}: pass the directory written by save_pretrained "
             "(nothing is downloaded from the Hub)."
         )
-    return load_file(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise ValueError(
+            f"{path} cannot be read as safetensors ({err}): the file is truncated or corrupted "
+            "(an interrupted copy or download?). Save or copy the adapter again."
+        ) from err
+    return tensors, metadata
+
+
+def load_weights(directory: str) -> dict[str, torch.Tensor]:
+    """Read ``adapter_model.safetensors`` from ``directory``; pickled files are refused (see
+    ``read_weights``)."""
+    return read_weights(directory)[0]

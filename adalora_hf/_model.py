@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import copy
 import logging
+import operator
 import os
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from adalora_core import validate_schedule
 from adalora_torch import (
     RankAllocator,
     SVDAdapter,
@@ -27,17 +30,22 @@ from adalora_torch import (
     mark_only_adapters_trainable,
     orthogonal_penalty,
 )
+from adalora_torch._distributed import is_rank_zero
+from adalora_torch._inject import PlannedAdapter, plan_adapters
 
 from ._checkpoint import load_allocator_state, save_allocator_state
-from ._config import AdaLoraConfig
+from ._config import CONFIG_NAME, AdaLoraConfig
 from ._format import (
     PEFT_PREFIX,
-    load_weights,
+    WEIGHTS_NAME,
+    check_config_stamp,
     module_masks,
     pattern_key,
-    save_weights,
+    read_weights,
     shrink_state_dict,
+    weights_bytes,
 )
+from ._io import write_files_atomic
 from ._modules_to_save import ModulesToSaveWrapper
 from ._signature import ForwardWithSignature
 from ._targets import default_target_modules
@@ -45,6 +53,9 @@ from ._targets import default_target_modules
 __all__ = ["AdaLoraModel"]
 
 logger = logging.getLogger(__name__)
+
+# ModulesToSaveWrapper's children: PEFT's bias modes save biases found under them too
+_WRAPPER_PARTS = ("original_module", "modules_to_save")
 
 # Forward calls (training mode, with a loss) after which a run that never calls
 # update_and_allocate is told that AdaLoRA is acting as plain LoRA.
@@ -61,6 +72,44 @@ def _matches(name: str, targets: Sequence[str] | str) -> bool:
 
 def _inside(name: str, prefixes: Sequence[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+@dataclass
+class _Plan:
+    """What adding an adapter changes, validated before anything changes (``_plan``)."""
+
+    adapter_name: str
+    cfg: AdaLoraConfig  # this model's copy, target_modules resolved
+    exact: str  # full-match regex of the target names
+    adapters: list[PlannedAdapter]  # the SVD adapters to create, with their shapes
+    save_modules: list[str]  # the modules_to_save modules (wrapped or to wrap)
+
+
+def _pattern_ranks(
+    plan: _Plan, masks: Mapping[str, list[bool]], weights: Mapping[str, torch.Tensor], where: str
+) -> dict[str, int]:
+    """Module -> rank for the modules whose saved tensors are shrunk by ``masks``; raises
+    ``ValueError`` for a pattern that names a module not adapted or does not fit ``init_r``."""
+    planned = {p.name: p for p in plan.adapters}
+    ranks: dict[str, int] = {}
+    for module, mask in masks.items():
+        p = planned.get(module)
+        if p is None:
+            raise ValueError(
+                f"{where}: rank_pattern names {module!r}, which this config does not adapt in "
+                f"this model (adapted: {list(planned)[:4]}...): the pattern belongs to another "
+                f"model or target_modules. Fix rank_pattern or target_modules in {CONFIG_NAME}."
+            )
+        if len(mask) != p.rank:
+            raise ValueError(
+                f"{where}: rank_pattern[{pattern_key(module)!r}] has {len(mask)} entries, but "
+                f"init_r is {p.rank}: the pattern does not fit (one bool per triplet of the "
+                f"adapter at creation). Fix rank_pattern or init_r in {CONFIG_NAME}."
+            )
+        a = weights.get(f"{PEFT_PREFIX}{module}.lora_A")
+        if a is not None and a.dim() == 2 and a.shape[0] == sum(mask) != len(mask):
+            ranks[module] = sum(mask)
+    return ranks
 
 
 def filter_missing_base_keys(result: Any, state_dict: Any, owned: set[str], strict: bool) -> Any:
@@ -103,7 +152,7 @@ class AdaLoraModel(nn.Module):
         super().__init__()
         self._setup(model)
         self.active_adapters = [adapter_name]
-        self._add(adapter_name, config, shrink={})
+        self._apply_plan(self._plan(adapter_name, config))
 
     def _setup(self, model: nn.Module) -> None:
         self.model = model
@@ -189,15 +238,32 @@ class AdaLoraModel(nn.Module):
         """Add a second (third, ...) adapter; it is not made active (see ``set_adapter``).
 
         Only one adapter can train: a config without ``inference_mode=True`` while another
-        adapter trains is a ``ValueError``.
+        adapter trains is a ``ValueError``. Every check runs before the model changes.
         """
-        self._add(adapter_name, config, shrink={})
+        self._apply_plan(self._plan(adapter_name, config))
 
-    def _add(self, adapter_name: str, config: AdaLoraConfig, shrink: dict[str, list[bool]]) -> None:
+    def _plan(
+        self,
+        adapter_name: str,
+        config: AdaLoraConfig,
+        ranks: Mapping[str, int] | None = None,
+        source: str | None = None,
+    ) -> _Plan:
+        """Validate adding ``adapter_name`` and say what would change, touching nothing.
+
+        ``ranks``: module -> rank to create (a shrunk adapter being loaded); others get
+        ``init_r``, and every one keeps ``ranknum = init_r``. ``source``: the directory an
+        adapter is loaded from (named in the error when no module matches).
+        """
         if not isinstance(config, AdaLoraConfig):
             raise TypeError(
                 f"config must be an adalora_hf.AdaLoraConfig, got {type(config).__name__}; "
                 "this library implements AdaLoRA only."
+            )
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise ValueError(
+                f"adapter_name must be a non-empty string without '.', got {adapter_name!r} "
+                "(it becomes part of parameter names such as lora_A.<adapter_name>)."
             )
         if adapter_name in self.peft_config:
             raise ValueError(
@@ -217,15 +283,81 @@ class AdaLoraModel(nn.Module):
             cfg.target_modules = default_target_modules(model_type)
         names = self._target_names(cfg)
         if not names:
+            loading = ""
+            if source is not None:
+                saved_for = (
+                    f", saved for {cfg.base_model_name_or_path!r}"
+                    if cfg.base_model_name_or_path
+                    else ""
+                )
+                loading = (
+                    f" The adapter at {source!r}{saved_for} belongs to another architecture: load "
+                    "it onto the model it was trained on."
+                )
             raise ValueError(
                 f"No module matches target_modules={cfg.target_modules!r}: list entries match a "
                 "module name or its last components, a string is a full-match regex. Some "
-                f"module names: {[n for n, _ in self.model.named_modules() if n][:12]}."
+                f"module names: {[n for n, _ in self.model.named_modules() if n][:12]}.{loading}"
             )
         exact = "|".join(re.escape(n) for n in names)
-        adapted = inject_adapters(
+        adapters = plan_adapters(
             self.model,
             exact,
+            adapter_name=adapter_name,
+            rank=cfg.init_r,
+            layers_to_transform=cfg.layers_to_transform,
+            layers_pattern=cfg.layers_pattern,
+            rank_pattern=ranks,
+        )
+        plan = _Plan(adapter_name, cfg, exact, adapters, self._plan_modules_to_save(cfg))
+        if not cfg.inference_mode:
+            # what RankAllocator checks, before the model changes
+            init_budget, target_budget = sum(p.rank for p in adapters), cfg.target_r * len(adapters)
+            if ranks and target_budget > init_budget:
+                raise ValueError(
+                    f"target_r={cfg.target_r} asks for {target_budget} triplets over "
+                    f"{len(adapters)} matrices, but the adapter's rank_pattern keeps only "
+                    f"{init_budget}: set target_r to at most {init_budget // len(adapters)} in "
+                    "its config to keep training it, or load it with is_trainable=False."
+                )
+            validate_schedule(
+                init_budget=init_budget,
+                target_budget=target_budget,
+                tinit=cfg.tinit,
+                tfinal=cfg.tfinal,
+                total_step=cfg.total_step or cfg.tinit + cfg.tfinal + 1,
+                deltaT=cfg.deltaT,
+            )
+        return plan
+
+    def _plan_modules_to_save(self, cfg: AdaLoraConfig) -> list[str]:
+        """The modules ``cfg.modules_to_save`` copies (existing wrappers or modules to wrap)."""
+        if not cfg.modules_to_save:
+            return []
+        wrappers = [n for n, _ in self._wrappers()]
+        svd = [n for n, _ in self._svd_layers()]
+        chosen: list[str] = []
+        for name, _ in self.model.named_modules():
+            if not name or not _matches(name, cfg.modules_to_save):
+                continue
+            inside = _inside(name, wrappers) or _inside(name, svd) or _inside(name, chosen)
+            if name in wrappers or not inside:  # an existing wrapper, or a module to wrap
+                chosen.append(name)
+        if not chosen:
+            raise ValueError(
+                f"modules_to_save={cfg.modules_to_save!r} names no module of the model (entries "
+                "match a module name or its last components, outside adapted layers): fix the "
+                "names (e.g. 'classifier', 'score') or leave modules_to_save None. Some module "
+                f"names: {[n for n, _ in self.model.named_modules() if n][:12]}."
+            )
+        return chosen
+
+    def _apply_plan(self, plan: _Plan) -> None:
+        """Make the changes ``_plan`` validated (nothing here is expected to fail)."""
+        adapter_name, cfg = plan.adapter_name, plan.cfg
+        adapted = inject_adapters(
+            self.model,
+            plan.exact,
             adapter_name=adapter_name,
             rank=cfg.init_r,
             alpha=float(cfg.lora_alpha),
@@ -234,16 +366,12 @@ class AdaLoraModel(nn.Module):
             layers_to_transform=cfg.layers_to_transform,
             layers_pattern=cfg.layers_pattern,
             init_weights=bool(cfg.init_lora_weights),
+            rank_pattern={p.name: p.rank for p in plan.adapters if p.rank != cfg.init_r},
+            activate=adapter_name in self.active_adapters,
         )
         self.peft_config[adapter_name] = cfg
         if any(getattr(self.model.get_submodule(n), "fan_in_fan_out", False) for n in adapted):
             cfg.fan_in_fan_out = True  # transformers' Conv1D (GPT-2), recorded as PEFT does
-        for name in adapted:
-            layer: Any = self.model.get_submodule(name)
-            if name in shrink:  # loading a shrunk adapter: ranks from its rank pattern
-                keep = torch.tensor(shrink[name], dtype=torch.bool)
-                layer.set_rank(adapter_name, keep.to(layer.lora_A[adapter_name].device))
-            layer.set_adapter([a for a in self.active_adapters if a in layer.lora_A])
         if not cfg.inference_mode:
             # freezes everything else: the base model and any inference-only adapter
             mark_only_adapters_trainable(self.model, adapter_name, cfg.bias)
@@ -253,7 +381,7 @@ class AdaLoraModel(nn.Module):
             for _, layer in self._svd_layers(adapter_name):
                 for d in (layer.lora_A, layer.lora_E, layer.lora_B):
                     d[adapter_name].requires_grad_(False)
-        self._wrap_modules_to_save(adapter_name, cfg)
+        self._wrap_modules_to_save(adapter_name, cfg, plan.save_modules)
         if not cfg.inference_mode:
             self.trainable_adapter_name = adapter_name
             self.rankallocator = RankAllocator(
@@ -269,25 +397,17 @@ class AdaLoraModel(nn.Module):
             )
             self._allocator_total_step = cfg.total_step
 
-    def _wrap_modules_to_save(self, adapter_name: str, cfg: AdaLoraConfig) -> None:
-        if not cfg.modules_to_save:
-            return
+    def _wrap_modules_to_save(
+        self, adapter_name: str, cfg: AdaLoraConfig, names: list[str]
+    ) -> None:
         trainable = not cfg.inference_mode
         wrappers = dict(self._wrappers())
-        svd = [n for n, _ in self._svd_layers()]
-        candidates = [n for n, _ in self.model.named_modules() if n]
-        for name in candidates:
-            if not _matches(name, cfg.modules_to_save):
-                continue
-            if name in wrappers:
-                wrapper = wrappers[name]
-            elif _inside(name, list(wrappers)) or _inside(name, svd):
-                continue
-            else:
+        for name in names:
+            wrapper = wrappers.get(name)
+            if wrapper is None:
                 parent, _, child = name.rpartition(".")
                 wrapper = ModulesToSaveWrapper(self.model.get_submodule(name))
                 setattr(self.model.get_submodule(parent), child, wrapper)
-                wrappers[name] = wrapper
             wrapper.add_adapter(adapter_name, trainable)
             if adapter_name in self.active_adapters:
                 wrapper.set_adapter(adapter_name)
@@ -440,18 +560,54 @@ class AdaLoraModel(nn.Module):
         ``tinit``, ``tfinal`` and ``deltaT`` are handled here (see ``AdaLoraConfig``); steps
         must increase. Each allocation records ``peft_config[adapter].rank_pattern`` in PEFT's
         form, ``{"<module>.lora_E.<adapter>": [bool, ...]}``. Returns the budget (number of
-        triplets allowed) at this step. Raises ``ValueError`` when ``total_step`` is unset.
+        triplets allowed) at this step.
+
+        Raises ``ValueError``, changing nothing, when ``total_step`` is unset, when the step
+        does not increase (a second call for one step, a step going backwards), or when an
+        importance update is due and no adapter parameter has a gradient (called before
+        ``backward()`` or after ``zero_grad()``). A step whose gradients are not finite (an
+        fp16 overflow that ``GradScaler`` skips) leaves the importance as it was and is counted
+        in ``rankallocator.skipped_steps``.
         """
         name = self._trainable()
         cfg = self.peft_config[name]
         cfg.check_schedule(require_total_step=True)
         self._sync_total_step(cfg)
-        assert self.rankallocator is not None
-        budget, pattern = self.rankallocator.update_and_allocate(global_step)
+        allocator = self.rankallocator
+        assert allocator is not None and cfg.total_step is not None
+        try:
+            step = operator.index(global_step)
+        except TypeError:
+            step = None  # the allocator explains
+        if (
+            step is not None
+            and allocator.step < step < cfg.total_step - cfg.tfinal
+            and not allocator.finalized
+            and not self._has_gradient(name)
+        ):
+            raise ValueError(
+                f"update_and_allocate({global_step}) found no gradient on any parameter of "
+                f"adapter {name!r}: call it after loss.backward() and optimizer.step(), before "
+                "optimizer.zero_grad() (which removes the gradients it reads). Nothing changed."
+            )
+        budget, pattern = allocator.update_and_allocate(global_step)
         self._allocate_calls += 1
+        if pattern is None and cfg.rank_pattern is None:
+            pattern = allocator.rank_pattern  # restored by rankallocator.load_state_dict
         if pattern is not None:
             cfg.rank_pattern = {pattern_key(m, name): list(mask) for m, mask in pattern.items()}
         return budget
+
+    def _has_gradient(self, adapter_name: str) -> bool:
+        # lazy: stops at the first adapter parameter with a gradient (normally in layer 0)
+        for m in self.model.modules():
+            if "lora_A" not in m._modules or not isinstance(m, SVDAdapter):
+                continue
+            if adapter_name in m.lora_A and any(
+                d[adapter_name].grad is not None for d in (m.lora_A, m.lora_E, m.lora_B)
+            ):
+                return True
+        return False
 
     @property
     def rank_pattern(self) -> dict[str, list[bool]] | None:
@@ -643,14 +799,32 @@ class AdaLoraModel(nn.Module):
         ``save_directory/<name>`` (as PEFT). Tensors are shrunk by the rank pattern and the
         config is written with ``inference_mode=True``, so ``peft.PeftModel.from_pretrained``
         and ``AdaLoraModel.from_pretrained`` both load the result.
+
+        Crash-safe: a directory holding only a previous adapter is replaced as a whole (the new
+        files are written next to it and swapped in); in a directory with other files each
+        adapter file is replaced atomically, and a pair from two saves is refused at load
+        (docs/errors.md, "Saving"). Unknown ``selected_adapters`` or a path that is a file
+        raise ``ValueError`` before anything is written.
         """
-        if not is_main_process:
+        if not (is_main_process and is_rank_zero()):  # under torch.distributed: rank 0 writes
             return
         save_directory = os.fspath(save_directory)
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
-        for name in names:
-            out = save_directory if name == "default" else os.path.join(save_directory, name)
-            os.makedirs(out, exist_ok=True)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(
+                f"selected_adapters names unknown adapters {unknown}; this model has "
+                f"{list(self.peft_config)}."
+            )
+        names.sort(key=lambda n: n != "default")  # the top directory first
+        outs = [
+            save_directory if n == "default" else os.path.join(save_directory, n) for n in names
+        ]
+        for out in outs:
+            if os.path.exists(out) and not os.path.isdir(out):
+                raise ValueError(f"{out!r} is a file; pass a directory to save the adapter into.")
+        contents: list[dict[str, bytes]] = []
+        for name in names:  # everything serialised before the first byte is written
             cfg = self._config_to_save(name)
             if cfg.total_step is None:
                 logger.warning(
@@ -658,8 +832,10 @@ class AdaLoraModel(nn.Module):
                     "refuses AdaLoRA configs without total_step (adalora loads them).",
                     name,
                 )
-            save_weights(self.adapter_state_dict(name), out)
-            cfg.save_pretrained(out)
+            blob = weights_bytes(self.adapter_state_dict(name), cfg.to_dict())
+            contents.append({WEIGHTS_NAME: blob, CONFIG_NAME: cfg.to_json_bytes()})
+        for out, files in zip(outs, contents):
+            write_files_atomic(out, files)
 
     def load_adapter(
         self,
@@ -671,23 +847,137 @@ class AdaLoraModel(nn.Module):
 
         A shrunk adapter (a ``rank_pattern`` in its config) gets per-module ranks from the
         pattern and keeps ``ranknum = init_r``, so its outputs are the saved model's.
+
+        Everything is checked before the model changes: the files (present, readable, from one
+        save), the config, the rank pattern against the adapted modules, and every tensor of
+        the file (no key missing or extra, shapes, dtypes, finite values). On any error the
+        model is exactly as before (docs/errors.md lists the errors).
         """
         path = os.fspath(model_id)
+        if os.path.isfile(path):
+            raise ValueError(
+                f"{path!r} is a file: pass the adapter's directory (the one holding "
+                f"{CONFIG_NAME} and {WEIGHTS_NAME})."
+            )
         config = AdaLoraConfig.from_pretrained(path)
         config.inference_mode = not is_trainable
-        weights = load_weights(path)
+        weights, metadata = read_weights(path)
+        check_config_stamp(metadata, config.to_dict(), path)
         masks = module_masks(config.rank_pattern, adapter_name)
-        shrink: dict[str, list[bool]] = {}
-        for module, mask in masks.items():
-            a = weights.get(f"{PEFT_PREFIX}{module}.lora_A")
-            if a is not None and a.shape[0] == sum(mask) and a.shape[0] != len(mask):
-                shrink[module] = mask
-        self._add(adapter_name, config, shrink=shrink)
-        self._load_weights(adapter_name, weights)
+        plan = self._plan(adapter_name, config, source=path)
+        ranks = _pattern_ranks(plan, masks, weights, path)
+        if ranks:
+            plan = self._plan(adapter_name, config, ranks, source=path)
+        self._check_weights(plan, weights, masks, path)
+        self._apply_plan(plan)
+        self._load_weights(plan, weights)
         if not is_trainable:
             self.eval()
 
-    def _load_weights(self, adapter_name: str, weights: dict[str, torch.Tensor]) -> None:
+    def _bias_keys(self, plan: _Plan) -> dict[str, tuple[int, ...]]:
+        """File keys (and shapes) of the biases the ``bias`` mode saves, named as they will be
+        once ``plan`` is applied (a new adapter layer puts its base under ``base_layer``)."""
+        mode = plan.cfg.bias
+        if mode == "none":
+            return {}
+        new = {p.name for p in plan.adapters if not isinstance(p.module, SVDAdapter)}
+        adapted = {p.name for p in plan.adapters}
+        wrapped = [n for n, _ in self._wrappers()] + plan.save_modules
+        out: dict[str, tuple[int, ...]] = {}
+        for pname, param in self.model.named_parameters():
+            if not (pname == "bias" or pname.endswith(".bias")) or _inside(pname, wrapped):
+                continue
+            owner = pname.rpartition(".")[0]
+            if owner in new:
+                owner += ".base_layer"
+            layer = owner.removesuffix(".base_layer") if owner.endswith(".base_layer") else None
+            if mode == "lora_only" and layer not in adapted:
+                continue
+            out[f"{PEFT_PREFIX}{owner}.bias"] = tuple(param.shape)
+        return out
+
+    def _check_weights(
+        self,
+        plan: _Plan,
+        weights: Mapping[str, torch.Tensor],
+        masks: Mapping[str, list[bool]],
+        where: str,
+    ) -> None:
+        """Every tensor of the file against what ``plan`` creates: keys, shapes, dtypes,
+        finite values. Raises ``ValueError`` saying what does not fit."""
+        init_r = plan.cfg.init_r
+        saved_for = plan.cfg.base_model_name_or_path
+        origin = f" (it was saved for {saved_for!r})" if saved_for else ""
+        required: dict[str, tuple[int, ...]] = {}
+        lora_rank: dict[str, str] = {}
+        for p in plan.adapters:
+            for kind, shape in (
+                ("lora_A", (p.rank, p.a_cols)),
+                ("lora_E", (p.rank, 1)),
+                ("lora_B", (p.b_rows, p.rank)),
+            ):
+                key = f"{PEFT_PREFIX}{p.name}.{kind}"
+                required[key] = shape
+                mask = masks.get(p.name)
+                shrunk = mask is not None and sum(mask) != init_r
+                lora_rank[key] = f"rank init_r={init_r}" + (
+                    f", or {sum(mask or [])} as kept by rank_pattern" if shrunk else ""
+                )
+        wrappers = dict(self._wrappers())
+        for name in plan.save_modules:
+            module = wrappers[name].original_module if name in wrappers else None
+            module = module or self.model.get_submodule(name)
+            for k, v in module.state_dict().items():
+                required[f"{PEFT_PREFIX}{name}.{k}"] = tuple(v.shape)
+        optional = self._bias_keys(plan)
+        missing = [k for k in required if k not in weights]
+        extra = [k for k in weights if k not in required and k not in optional]
+        if plan.cfg.bias != "none":  # PEFT's bias modes also save the wrappers' insides
+            inner = [f"{PEFT_PREFIX}{n}.{p}." for n in plan.save_modules for p in _WRAPPER_PARTS]
+            extra = [k for k in extra if not k.startswith(tuple(inner))]
+        hint = ""
+        if extra and not any(k.startswith(PEFT_PREFIX) for k in extra):
+            hint = f" (in PEFT's format every key starts with {PEFT_PREFIX!r})"
+        if missing:
+            also = (
+                f"; it has {len(extra)} tensors this model has no place for{hint}" if extra else ""
+            )
+            raise ValueError(
+                f"{where}: the adapter file lacks {len(missing)} tensors of adapter "
+                f"{plan.adapter_name!r}, e.g. {missing[:3]}{also}: it was saved for another "
+                f"base model or target_modules{origin}. Load it onto the model it was trained on."
+            )
+        if extra:
+            raise ValueError(
+                f"{where}: the adapter file has {len(extra)} tensors that adapter_config.json "
+                f"does not account for, e.g. {extra[:3]}{hint}: the file and the config do not "
+                f"belong together, or the adapter was saved for another base model{origin}. "
+                "Save the adapter again."
+            )
+        for key, value in weights.items():
+            expected = required.get(key, optional.get(key))
+            if expected is None:
+                continue  # ignored (see above)
+            if tuple(value.shape) != expected:
+                rank = f" ({lora_rank[key]})" if key in lora_rank else ""
+                raise ValueError(
+                    f"{where}: {key} has shape {tuple(value.shape)} in the file, this model needs "
+                    f"{expected}{rank}: the adapter belongs to another base model, init_r or "
+                    f"rank_pattern{origin}."
+                )
+            if not value.dtype.is_floating_point:
+                raise ValueError(
+                    f"{where}: {key} has dtype {value.dtype} in the file; adapter tensors are "
+                    "floating point: the file is not an adapter saved by PEFT or adalora."
+                )
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(
+                    f"{where}: {key} holds NaN or inf: the adapter diverged or the file is "
+                    "corrupted; load a checkpoint from before the divergence."
+                )
+
+    def _load_weights(self, plan: _Plan, weights: Mapping[str, torch.Tensor]) -> None:
+        adapter_name = plan.adapter_name
         targets: dict[str, torch.Tensor] = {}
         for path, layer in self._svd_layers(adapter_name):
             for kind in ("lora_A", "lora_E", "lora_B"):
@@ -699,34 +989,15 @@ class AdaLoraModel(nn.Module):
                 ):
                     targets[f"{PEFT_PREFIX}{path}.{k}"] = v
         params = dict(self.model.named_parameters())
-        missing = [k for k in targets if k not in weights]
-        if missing:
-            raise ValueError(
-                f"The adapter file lacks {len(missing)} tensors of adapter {adapter_name!r}, "
-                f"e.g. {missing[:3]}: it was saved for another model or target_modules."
-            )
-        unexpected = []
+        for key in weights:
+            if key not in targets:  # a bias of the bias mode (checked by _check_weights)
+                param = params.get(key[len(PEFT_PREFIX) :])
+                if param is not None:  # else PEFT's copy of a wrapper's inside: not loaded
+                    targets[key] = param
         with torch.no_grad():
-            for key, value in weights.items():
-                dst = targets.get(key)
-                if dst is None and key.startswith(PEFT_PREFIX):
-                    dst = params.get(key[len(PEFT_PREFIX) :])  # biases (bias modes)
-                if dst is None:
-                    unexpected.append(key)
-                    continue
-                if dst.shape != value.shape:
-                    raise ValueError(
-                        f"{key}: the file has shape {tuple(value.shape)}, the model "
-                        f"{tuple(dst.shape)}: the adapter belongs to another model or init_r."
-                    )
+            for key, dst in targets.items():
+                value = weights[key]
                 dst.copy_(value.to(dst.device, dst.dtype))
-        if unexpected:
-            warnings.warn(
-                f"Ignoring {len(unexpected)} tensors of the adapter file that match nothing in "
-                f"the model, e.g. {unexpected[:3]}.",
-                UserWarning,
-                stacklevel=3,
-            )
 
     @classmethod
     def from_pretrained(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 from torch import nn
 
@@ -41,25 +42,116 @@ def _layer_index(name: str, layers_pattern: str | Sequence[str] | None) -> int |
     return None
 
 
-def _wrap(
-    module: nn.Module,
-    rank: int,
-    alpha: float,
-    dropout: float,
-    adapter_name: str,
-    fan_in_fan_out: bool,
-    init_weights: bool,
-) -> nn.Module | None:
-    args = (rank, alpha, dropout)
-    name, init = adapter_name, init_weights
-    if isinstance(module, nn.Linear) or is_conv1d(module):
-        fifo = fan_in_fan_out or is_conv1d(module)
-        return SVDLinear(module, *args, adapter_name=name, fan_in_fan_out=fifo, init_weights=init)
+def _adapter_dims(module: nn.Module) -> tuple[int, int] | str:
+    """(columns of A, rows of B) of an adapter on ``module``, or why it cannot have one."""
+    if isinstance(module, _SVDLayerBase):
+        return module._a_cols(), module._b_rows()
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if is_conv1d(module):
+        shape: Any = module.weight.shape  # (in, out)
+        return int(shape[0]), int(shape[1])
     if isinstance(module, nn.Conv2d):
-        return SVDConv2d(module, *args, adapter_name=name, init_weights=init)
+        if module.groups != 1:
+            return f"an nn.Conv2d with groups={module.groups} (only groups=1 is supported)"
+        return int(module.weight[0].numel()), module.out_channels
     if isinstance(module, nn.Embedding):
-        return SVDEmbedding(module, *args, adapter_name=name, init_weights=init)
-    return None
+        return module.num_embeddings, module.embedding_dim
+    return f"a {type(module).__name__}"
+
+
+class PlannedAdapter(NamedTuple):
+    """One adapter ``inject_adapters`` would create: ``lora_A`` ``(rank, a_cols)``, ``lora_E``
+    ``(rank, 1)``, ``lora_B`` ``(b_rows, rank)``."""
+
+    name: str  # as in model.named_modules()
+    module: nn.Module  # the module now (a base layer, or an SVD layer getting another adapter)
+    rank: int
+    a_cols: int
+    b_rows: int
+
+
+def plan_adapters(
+    model: nn.Module,
+    targets: Sequence[str] | str,
+    *,
+    adapter_name: str = "default",
+    rank: int = 12,
+    layers_to_transform: int | Sequence[int] | None = None,
+    layers_pattern: str | Sequence[str] | None = None,
+    rank_pattern: Mapping[str, int] | None = None,
+) -> list[PlannedAdapter]:
+    """What ``inject_adapters`` with these arguments would do, without changing ``model``.
+
+    Raises the ``ValueError`` that ``inject_adapters`` would (nothing matches, a matched module
+    has an unsupported type, the adapter exists already, a ``rank_pattern`` entry names no
+    adapted module or exceeds ``rank``), so callers can validate everything first.
+    """
+    layer_filter: set[int] | None
+    if layers_to_transform is None:
+        layer_filter = None
+    elif isinstance(layers_to_transform, int):
+        layer_filter = {layers_to_transform}
+    else:
+        layer_filter = set(layers_to_transform)
+
+    modules = list(model.named_modules())
+    svd_prefixes = [n + "." for n, _ in iter_svd_layers(model)]
+    matched: list[str] = []
+    plan: list[PlannedAdapter] = []
+    for name, module in modules:
+        if not name or any(name.startswith(p) for p in svd_prefixes):
+            continue  # the root, or the insides of an existing adapter layer
+        if not _name_matches(name, targets):
+            continue
+        matched.append(name)
+        if layer_filter is not None and _layer_index(name, layers_pattern) not in layer_filter:
+            continue
+        dims = _adapter_dims(module)
+        if isinstance(dims, str):
+            raise ValueError(
+                f"Module {name!r} matches the targets but is {dims}; supported types are "
+                f"{_SUPPORTED}. Narrow the targets to those layers."
+            )
+        if isinstance(module, _SVDLayerBase) and adapter_name in module.lora_A:
+            raise ValueError(
+                f"Module {name!r} already has an adapter {adapter_name!r}: choose another "
+                "adapter_name or delete that adapter first."
+            )
+        plan.append(PlannedAdapter(name, module, rank, *dims))
+
+    if not plan:
+        if layer_filter is not None and matched:
+            indices = sorted(
+                {i for n in matched if (i := _layer_index(n, layers_pattern)) is not None}
+            )
+            raise ValueError(
+                f"{len(matched)} modules match the targets but none has a layer index in "
+                f"layers_to_transform={layers_to_transform!r} (layers_pattern="
+                f"{layers_pattern!r}); their layer indices are {indices}. Pick indices from "
+                "that list, or fix layers_pattern."
+            )
+        names = [n for n, _ in modules if n][:12]
+        raise ValueError(
+            f"No module of the model matches targets={targets!r}. Change the targets "
+            f"(list entries match a name or its last components; a string is a full-match "
+            f"regex). Some module names: {names}."
+        )
+    if rank_pattern:
+        for key, value in rank_pattern.items():
+            hits = [k for k, p in enumerate(plan) if p.name == key or p.name.endswith("." + key)]
+            if not hits:
+                raise ValueError(
+                    f"rank_pattern names {key!r}, which is not among the adapted modules "
+                    f"{[p.name for p in plan][:8]}: remove it or fix the targets."
+                )
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= rank:
+                raise ValueError(
+                    f"rank_pattern[{key!r}] must be an integer in [0, rank={rank}], got {value!r}."
+                )
+            for k in hits:
+                plan[k] = plan[k]._replace(rank=int(value))
+    return plan
 
 
 def inject_adapters(
@@ -75,6 +167,7 @@ def inject_adapters(
     layers_pattern: str | Sequence[str] | None = None,
     init_weights: bool = True,
     rank_pattern: Mapping[str, int] | None = None,
+    activate: bool = True,
 ) -> list[str]:
     """Replace the target submodules of ``model`` in place by SVD adapter layers.
 
@@ -84,66 +177,69 @@ def inject_adapters(
     index (the integer after a ``layers_pattern`` component such as ``"layers"``, or, without a
     pattern, the first integer component of the name) is in it. ``rank_pattern`` maps module
     names (same matching as a list target) to the rank to create them with (used to load a
-    shrunk adapter); others get ``rank``. A module that already is an SVD layer gets a new
-    adapter ``adapter_name`` (``add_adapter``). Base parameters keep their ``requires_grad``;
-    see ``mark_only_adapters_trainable``.
+    shrunk adapter); others get ``rank``, and every adapter keeps ``ranknum = rank`` (r₀), so
+    a shrunk adapter keeps the scale it was trained with. A module that already is an SVD
+    layer gets a new adapter ``adapter_name`` (``add_adapter``). ``activate=False`` leaves
+    the set of active adapters of every layer as it was (PEFT's ``add_adapter``). Base
+    parameters keep their ``requires_grad``; see ``mark_only_adapters_trainable``.
 
-    Returns the adapted module names as in ``model.named_modules()``. Raises ``ValueError``
-    when nothing matches or a matched module has an unsupported type.
+    Returns the adapted module names as in ``model.named_modules()``. Raises ``ValueError``,
+    before changing anything, when nothing matches, a matched module has an unsupported type
+    or already has ``adapter_name``, or ``rank_pattern`` does not fit (``plan_adapters``).
 
     >>> m = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     >>> inject_adapters(m, ["0", "2"], rank=2)
     ['0', '2']
     """
-    layer_filter: set[int] | None
-    if layers_to_transform is None:
-        layer_filter = None
-    elif isinstance(layers_to_transform, int):
-        layer_filter = {layers_to_transform}
-    else:
-        layer_filter = set(layers_to_transform)
-
-    modules = list(model.named_modules())
-    svd_prefixes = [n + "." for n, _ in iter_svd_layers(model)]
-    adapted: list[str] = []
-    for name, module in modules:
-        if not name or any(name.startswith(p) for p in svd_prefixes):
-            continue  # the root, or the insides of an existing adapter layer
-        if not _name_matches(name, targets):
-            continue
-        if layer_filter is not None and _layer_index(name, layers_pattern) not in layer_filter:
-            continue
-        r = rank
-        if rank_pattern:
-            for key, value in rank_pattern.items():
-                if name == key or name.endswith("." + key):
-                    r = int(value)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise ValueError(f"rank must be an integer >= 0, got {rank!r}.")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must lie in [0, 1), got {dropout}.")
+    plan = plan_adapters(
+        model,
+        targets,
+        adapter_name=adapter_name,
+        rank=rank,
+        layers_to_transform=layers_to_transform,
+        layers_pattern=layers_pattern,
+        rank_pattern=rank_pattern,
+    )
+    for name, module, r, _, _ in plan:
         if isinstance(module, _SVDLayerBase):
-            module.add_adapter(adapter_name, r, alpha, dropout, init_weights)
-        else:
-            new = _wrap(module, r, alpha, dropout, adapter_name, fan_in_fan_out, init_weights)
-            if new is None:
-                raise ValueError(
-                    f"Module {name!r} matches the targets but is a {type(module).__name__}; "
-                    f"supported types are {_SUPPORTED}. Narrow the targets to those layers."
-                )
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, new)
-        adapted.append(name)
+            module.add_adapter(
+                adapter_name, r, alpha, dropout, init_weights, ranknum=rank, activate=activate
+            )
+            continue
+        new = _wrap(module, r, alpha, dropout, adapter_name, fan_in_fan_out, init_weights, rank)
+        if not activate:
+            new.set_adapter([])
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, new)
+    return [p.name for p in plan]
 
-    if not adapted:
-        names = [n for n, _ in modules if n][:12]
-        extra = (
-            f" with layers_to_transform={layers_to_transform!r}, layers_pattern={layers_pattern!r}"
-            if layer_filter is not None
-            else ""
-        )
-        raise ValueError(
-            f"No module of the model matches targets={targets!r}{extra}. Change the targets "
-            f"(list entries match a name or its last components; a string is a full-match "
-            f"regex). Some module names: {names}."
-        )
-    return adapted
+
+def _wrap(
+    module: nn.Module,
+    rank: int,
+    alpha: float,
+    dropout: float,
+    adapter_name: str,
+    fan_in_fan_out: bool,
+    init_weights: bool,
+    ranknum: int,
+) -> _SVDLayerBase:
+    args = (rank, alpha, dropout)
+    kw: dict[str, Any] = {
+        "adapter_name": adapter_name,
+        "init_weights": init_weights,
+        "ranknum": ranknum,
+    }
+    if isinstance(module, nn.Conv2d):
+        return SVDConv2d(module, *args, **kw)
+    if isinstance(module, nn.Embedding):
+        return SVDEmbedding(module, *args, **kw)
+    # nn.Linear or Conv1D (plan_adapters refused anything else)
+    return SVDLinear(module, *args, fan_in_fan_out=fan_in_fan_out or is_conv1d(module), **kw)
 
 
 def mark_only_adapters_trainable(
