@@ -5,16 +5,23 @@ algorithm is :func:`adalora_core.rank_allocator` (the NumPy specification); this
 on the adapters' device with a fixed number of kernel launches per step, however many layers.
 
 Memory, per device: two flat buffers ``Ī`` and ``Ū`` (one float per adapter entry each: the
-state, checkpointed), plus a flat workspace for ``I = |p · g|`` (one float per entry, kept
-between steps of the budgeting phase so that no large buffer is allocated per step, freed with
-the EMAs at the final allocation). Matrices of equal shape sit next to each other in the
-buffers, so their triplet scores come from one batched reduction per shape.
+state, checkpointed), plus a workspace for ``I = |p · g|`` (kept between steps of the budgeting
+phase so that no large buffer is allocated per step, freed with the EMAs at the final
+allocation). On the CPU the workspace holds every entry (one more float per entry). On an
+accelerator ``I`` is computed in chunks of ``max(2**16, numel/16)`` entries, so the workspace
+adds a sixteenth of a float per entry (small adapters: 2**16 floats): a first pass over the
+chunks finds whether any ``I`` is non-finite, a second recomputes each chunk and folds it into
+the EMAs (a bad step is skipped before any EMA changes, as the spec wants, at the price of
+reading ``p`` and ``g`` twice: cheap where memory bandwidth is plentiful, a third more
+allocator time on a CPU). Matrices of equal shape sit next to each other in the buffers, so
+their triplet scores come from one batched reduction per shape.
 
-Per step: one multi-tensor ``_foreach_addcmul_`` writes every ``p · g`` into the workspace;
-then about six element-wise kernels over the flat buffers (abs, finiteness, two ``lerp_`` for
-the EMAs, ``|I - Ī|``). On allocation steps: ``Ī·Ū``, one mean over A and one over B per shape
-group, one device-to-host copy of the ``Σ r`` scores, ``adalora_core.allocate``, one
-host-to-device copy of the masks and one ``_foreach_mul_`` zeroing E.
+Per step: one multi-tensor ``_foreach_addcmul_`` per chunk writes ``p · g`` into the
+workspace; then about six element-wise kernels over it and the EMA slices (abs, finiteness,
+two ``lerp_`` for the EMAs, ``|I - Ī|``). On allocation steps: ``Ī·Ū``, one mean over A and
+one over B per shape group, one device-to-host copy of the ``Σ r`` scores,
+``adalora_core.allocate``, one host-to-device copy of the masks and one ``_foreach_mul_``
+zeroing E.
 
 Non-finite steps: on the CPU the finiteness flag is read on the host and the step skipped. On
 an accelerator it is not read (no host sync on non-allocation steps): it selects EMA weights
@@ -37,11 +44,18 @@ from torch._utils import _unflatten_dense_tensors as unflatten
 
 from adalora_core import allocate, budget_schedule, validate_betas, validate_schedule
 
+from ._distributed import ShardedBucket, check_masks_agree, is_sharded, unwrap_model
 from ._protocol import SVDAdapter
 
 __all__ = ["RankAllocator"]
 
 _FORMAT = "adalora_torch.RankAllocator/1"
+# Entries of I = |p · g| computed at a time (the workspace size). A chunked workspace adds little
+# to the two floats of state per adapter entry, but a step then reads p and g twice (a scan for
+# non-finite values first, so that a bad step is skipped before any EMA changes). None: chunks of
+# max(2**16, numel / 16) on accelerators (memory is scarce, bandwidth is not) and one chunk, a
+# workspace as large as an EMA, on the CPU (where the second read costs more than the memory).
+_CHUNK_FLOATS: int | None = None
 _KINDS = ("lora_A", "lora_E", "lora_B")
 _CONFIG = ("target_r", "tinit", "tfinal", "total_step", "deltaT", "beta1", "beta2")
 _STATE_KEYS = (
@@ -94,6 +108,21 @@ class _Group:
         return (e + (a + b)).reshape(-1)  # (G * r,), member-major
 
 
+def _chunks(params: list[torch.Tensor], limit: int) -> list[tuple[int, int, int, int]]:
+    """Split ``params`` (flat-buffer order) into runs of at most ``limit`` entries (a larger
+    tensor is a run of its own): ``(first, end, flat offset, numel)`` of each non-empty run."""
+    out: list[tuple[int, int, int, int]] = []
+    first, offset, n = 0, 0, 0
+    for k, p in enumerate(params):
+        if n and n + p.numel() > limit:
+            out.append((first, k, offset, n))
+            first, offset, n = k, offset + n, 0
+        n += p.numel()
+    if n:
+        out.append((first, len(params), offset, n))
+    return out
+
+
 class _Bucket:
     """The adapted matrices that live on one device: flat EMAs and cached parameter lists.
 
@@ -139,14 +168,25 @@ class _Bucket:
         # EMA weights (1-β1, 1-β2), as floats and on the device (set by the allocator)
         self.weights = (0.0, 0.0)
         self.weights_on = torch.zeros(2, **kw)
-        self.workspace: torch.Tensor | None = None  # I = |p · g|, flat, during budgeting
-        self.workspace_views: list[torch.Tensor] = []  # shaped like params
+        # I = |p · g| is computed a chunk of consecutive params at a time, in one workspace of
+        # the largest chunk's size (kept during budgeting, freed with the EMAs)
+        self.chunks = self._chunks()  # (first, end, flat offset, numel)
+        self.workspace: torch.Tensor | None = None
+        self.workspace_views: list[list[torch.Tensor]] = []  # per chunk, shaped like params
+        self.chunk_max = torch.zeros(0)  # per chunk, the largest I of the last step
         # E parameters still at full rank, and their keep-masks as 0/1 factors of shape (r, 1)
         self.e_all = [t[1] for t in triplets]
         self.mask_members: list[int] = []
         self.mask_pos = np.zeros(0, dtype=np.int64)  # global triplet positions of mask_members
         self.e_masked: list[torch.Tensor] = []
         self.e_factors: list[torch.Tensor] = []
+
+    def _chunks(self) -> list[tuple[int, int, int, int]]:
+        limit = _CHUNK_FLOATS
+        if limit is None:
+            cpu = self.device.type == "cpu"
+            limit = self.numel if cpu else max(1 << 16, -(-self.numel // 16))
+        return _chunks(self.params, limit)
 
     def views(self, flat: torch.Tensor, member: int) -> tuple[torch.Tensor, ...]:
         """The A, E, B views of ``member`` in a flat buffer (shapes (r, in), (r, 1), (out, r))."""
@@ -158,28 +198,54 @@ class _Bucket:
         b = block[n * r * (n_in + 1) :].view(n, n_out, r)[k]
         return a, e, b
 
-    def sensitivity(self) -> tuple[torch.Tensor, list[int]]:
-        """``I = |p · g|`` of every entry in the flat workspace, and the members without a
-        gradient (their ``I`` is 0, which is what a zero gradient gives)."""
+    def load_ema(self, member: int, tensors: tuple[torch.Tensor, ...]) -> None:
+        """Copy ``(Ī_A, Ī_E, Ī_B, Ū_A, Ū_E, Ū_B)`` of ``member`` into the flat EMAs."""
+        assert self.ema_s is not None and self.ema_u is not None
+        new = self.views(self.ema_s, member) + self.views(self.ema_u, member)
+        for dst, src in zip(new, tensors):
+            dst.copy_(src.reshape(dst.shape))
+
+    def _grads(self) -> tuple[list[torch.Tensor], list[int]]:
+        # the gradients in params order, zeros for missing ones, and the members missing one
         raw = list(map(_grad, self.params))
-        missing: list[int] = []
-        grads = cast(list[torch.Tensor], raw)
-        if not all(map(operator.is_not, raw, repeat(None))):
-            missing = sorted({m for m, g in zip(self.param_member, raw) if g is None})
-            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, raw)]
+        if all(map(operator.is_not, raw, repeat(None))):
+            return cast(list[torch.Tensor], raw), []
+        missing = sorted({m for m, g in zip(self.param_member, raw) if g is None})
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, raw)], missing
+
+    def _product(self, k: int, grads: list[torch.Tensor]) -> torch.Tensor:
+        # I = |p · g| of chunk k in the workspace, products in the EMA dtype: (n_k,)
+        i, j, _, n = self.chunks[k]
+        assert self.workspace is not None
+        work = self.workspace[:n]
+        work.zero_()
+        torch._foreach_addcmul_(self.workspace_views[k], self.params[i:j], grads[i:j])
+        return work.abs_()
+
+    def sensitivity(self) -> tuple[torch.Tensor, list[int]]:
+        """The largest ``I = |p · g|`` of each chunk (non-finite iff some ``I`` is), and the
+        members without a gradient (their ``I`` is 0, which is what a zero gradient gives).
+
+        ``I`` itself is not kept: ``update`` computes it again chunk by chunk (the last chunk's
+        is still in the workspace), so a non-finite step is known before any EMA changes.
+        """
+        grads, missing = self._grads()
         if self.workspace is None:  # allocated at the first update, freed with the EMAs
-            self.workspace = torch.empty(self.numel, device=self.device, dtype=self.dtype)
-            self.workspace_views = list(unflatten(self.workspace, self.params))
+            size = max((n for *_, n in self.chunks), default=0)
+            self.workspace = torch.empty(size, device=self.device, dtype=self.dtype)
+            self.workspace_views = [
+                list(unflatten(self.workspace[:n], self.params[i:j])) for i, j, _, n in self.chunks
+            ]
+            self.chunk_max = torch.empty(len(self.chunks), device=self.device, dtype=self.dtype)
         with torch.no_grad():
-            self.workspace.zero_()
-            # one multi-tensor kernel for all matrices; products in the EMA dtype
-            torch._foreach_addcmul_(self.workspace_views, self.params, grads)
-        return self.workspace.abs_(), missing
+            for k in range(len(self.chunks)):
+                torch.amax(self._product(k, grads), dim=0, out=self.chunk_max[k])
+        return self.chunk_max, missing
 
     def update(self, sens: torch.Tensor, finite: torch.Tensor | None) -> None:
-        """Fold ``sens`` (overwritten) into the EMAs. ``finite`` None: the caller checked that
-        ``sens`` is finite; a bool tensor: keep the EMAs as they are where it is False, without
-        reading it on the host (for accelerators)."""
+        """Fold ``I`` into the EMAs, chunk by chunk (``sens``: ``sensitivity()``'s result).
+        ``finite`` None: the caller checked that ``sens`` is finite; a bool tensor: keep the
+        EMAs as they are where it is False, without reading it on the host (accelerators)."""
         assert self.ema_s is not None and self.ema_u is not None
         w1: float | torch.Tensor
         w2: float | torch.Tensor
@@ -187,11 +253,25 @@ class _Bucket:
             w1, w2 = self.weights
         else:  # weights 0 for a non-finite step: the lerps below leave the EMAs as they are
             w1, w2 = (self.weights_on * finite).unbind()
-            sens.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # so that 0 · (I - Ī) stays 0
-        # one pass per EMA: lerp(x, y, w) = x + w·(y - x) = (1 - w)·x + w·y
-        self.ema_s.lerp_(sens, w1)  # Ī ← β1·Ī + (1-β1)·I
-        sens.sub_(self.ema_s).abs_()  # |I - Ī|, with the updated Ī
-        self.ema_u.lerp_(sens, w2)  # Ū ← β2·Ū + (1-β2)·|I - Ī|
+        grads: list[torch.Tensor] = []
+        last = len(self.chunks) - 1
+        if last < 0:
+            return
+        with torch.no_grad():
+            for k in [last, *range(last)]:  # the last chunk's I is still in the workspace
+                _, _, offset, n = self.chunks[k]
+                if k == last:
+                    work = cast(torch.Tensor, self.workspace)[:n]
+                else:
+                    grads = grads or self._grads()[0]
+                    work = self._product(k, grads)
+                if finite is not None:
+                    work.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # 0 · (I - Ī) stays 0
+                ema_s, ema_u = self.ema_s[offset : offset + n], self.ema_u[offset : offset + n]
+                # one pass per EMA: lerp(x, y, w) = x + w·(y - x) = (1 - w)·x + w·y
+                ema_s.lerp_(work, w1)  # Ī ← β1·Ī + (1-β1)·I
+                work.sub_(ema_s).abs_()  # |I - Ī|, with the updated Ī
+                ema_u.lerp_(work, w2)  # Ū ← β2·Ū + (1-β2)·|I - Ī|
 
     def scores(self) -> torch.Tensor:
         """Triplet scores of the bucket's matrices, group order (see ``score_pos``)."""
@@ -208,6 +288,7 @@ class _Bucket:
     def to(self, device: torch.device) -> None:
         self.device = device
         self.workspace, self.workspace_views = None, []
+        self.chunks = self._chunks()
         for name in ("ema_s", "ema_u", "weights_on"):
             value = getattr(self, name)
             if value is not None:
@@ -253,6 +334,8 @@ class RankAllocator:
     """
 
     _sync_free: bool | None = None  # skip non-finite steps without a host sync; None: off the CPU
+    # under torch.distributed, check at each allocation that all processes keep the same masks
+    cross_rank_check: bool = True
 
     def __init__(
         self,
@@ -278,6 +361,7 @@ class RankAllocator:
         self.target_r, self.tinit, self.tfinal, self.deltaT = int(target_r), tinit, tfinal, deltaT
         self.beta1, self.beta2 = float(beta1), float(beta2)
 
+        model = unwrap_model(model)  # DDP: the inner model's names, no "module." prefix
         found = [
             (n, m)
             for n, m in model.named_modules()
@@ -407,7 +491,7 @@ class RankAllocator:
             self._update_importance()
         # 2) final allocation at the first step at or past total_step - tfinal
         if step >= final:
-            pattern = self._allocate(self.target_budget)
+            pattern = self._allocate(self.target_budget, step)
             for bucket in self._buckets:  # free the importance state and the workspace
                 bucket.ema_s = bucket.ema_u = bucket.workspace = None
                 bucket.workspace_views = []
@@ -424,7 +508,7 @@ class RankAllocator:
             deltaT=self.deltaT,
         )
         self._step, self._budget = step, budget
-        return budget, (self._allocate(budget) if mask_now else None)
+        return budget, (self._allocate(budget, step) if mask_now else None)
 
     def _update_importance(self) -> None:
         work = []
@@ -469,10 +553,13 @@ class RankAllocator:
             scores[bucket.score_pos] = bucket.scores().to("cpu", torch.float64).numpy()
         return scores
 
-    def _allocate(self, budget: int) -> dict[str, list[bool]]:
+    def _allocate(self, budget: int, step: int) -> dict[str, list[bool]]:
         scores = self._triplet_scores()
         masks = allocate([scores[a:b] for a, b in self._bounds], budget)
-        self._set_keep(np.concatenate(masks) if masks else self._keep)
+        keep = np.concatenate(masks) if masks else self._keep
+        if self.cross_rank_check:
+            check_masks_agree(keep, step=step, budget=budget)
+        self._set_keep(keep)
         self._rank_pattern = {n: m.tolist() for n, m in zip(self._names, masks)}
         for bucket in self._buckets:
             bucket.apply_masks()
@@ -519,7 +606,7 @@ class RankAllocator:
         """(Re)build the device buckets from the layers; copy ``ema`` (per module) into them."""
         if self._skipped_dev is not None:
             self._skipped += int(self._skipped_dev.item())
-        by_device: dict[torch.device, list[int]] = {}
+        by_device: dict[tuple[torch.device, bool], list[int]] = {}
         triplets = []
         for m, (name, layer) in enumerate(zip(self._names, self._layers)):
             if not all(self.adapter_name in d for d in (layer.lora_A, layer.lora_E, layer.lora_B)):
@@ -545,14 +632,16 @@ class RankAllocator:
                     + ": shrink adapters only after the final allocation."
                 )
             triplets.append((a, e, b))
-            by_device.setdefault(e.device, []).append(m)
+            by_device.setdefault((e.device, is_sharded(e)), []).append(m)
         self._e_dicts = [layer.lora_E._parameters for layer in self._layers]
         self._e_cached = [t[1] for t in triplets]
         self._keep_dicts = [_keep_dict(layer) for layer in self._layers]
         offsets = self._offsets.tolist()
-        self._buckets = [
-            _Bucket(dev, ms, [triplets[m] for m in ms], offsets, with_ema=not self._finalized)
-            for dev, ms in by_device.items()
+        self._buckets = [  # FSDP2 (DTensor) parameters: ShardedBucket, same interface
+            (ShardedBucket if sharded else _Bucket)(  # type: ignore[misc]
+                dev, ms, [triplets[m] for m in ms], offsets, with_ema=not self._finalized
+            )
+            for (dev, sharded), ms in by_device.items()
         ]
         for bucket in self._buckets:
             # matrices physically shrunk to their final pattern have nothing left to mask
@@ -570,9 +659,7 @@ class RankAllocator:
             bucket.weights_on.copy_(torch.tensor(weights, dtype=torch.float64))
             if ema is not None and bucket.ema_s is not None and bucket.ema_u is not None:
                 for m in bucket.members:
-                    new = bucket.views(bucket.ema_s, m) + bucket.views(bucket.ema_u, m)
-                    for dst, src in zip(new, ema[self._names[m]]):
-                        dst.copy_(src.reshape(dst.shape))
+                    bucket.load_ema(m, ema[self._names[m]])
         self._skipped_dev = torch.zeros((), dtype=torch.int64, device=self._buckets[0].device)
         self._set_keep(self._keep)
 

@@ -44,8 +44,9 @@ def is_conv1d(module: nn.Module) -> bool:
 def iter_svd_layers(model: nn.Module) -> Iterator[tuple[str, SVDAdapter]]:
     """``(name, layer)`` for every submodule that is an ``SVDAdapter``, in module order."""
     for name, m in model.named_modules():
-        # a dict lookup first: the Protocol's isinstance costs microseconds per module
-        if "lora_A" in m._modules and isinstance(m, SVDAdapter):
+        # our own layers first, then a dict lookup: the Protocol's isinstance costs
+        # microseconds per module
+        if isinstance(m, _SVDLayerBase) or ("lora_A" in m._modules and isinstance(m, SVDAdapter)):
             yield name, m
 
 
@@ -109,13 +110,18 @@ class _SVDLayerBase(nn.Module):
         alpha: float,
         dropout: float = 0.0,
         init_weights: bool = True,
+        *,
+        ranknum: int | None = None,
+        activate: bool = True,
     ) -> None:
-        """Create the triplets of a new adapter and make it active.
+        """Create the triplets of a new adapter; make it active unless ``activate=False``.
 
         ``init_weights=True``: E = 0, A, B ~ N(0, 0.02²) (paper, PEFT), so the layer starts
         as its base. ``init_weights=False``: E ~ N(0, 0.02²) as well, so the adapter changes
         the output from the start (for tests). Parameters are float32 on the base weight's
-        device and require grad; ``ranknum`` (r₀) is frozen.
+        device and require grad; ``ranknum`` (r₀, frozen) is the rank the adapter was created
+        with, ``rank`` by default; pass the creation rank when building an already shrunk
+        adapter (``rank < ranknum``) so that its scale stays ``scaling / r₀``.
         """
         if adapter_name in self.lora_A:
             raise ValueError(
@@ -124,6 +130,11 @@ class _SVDLayerBase(nn.Module):
             )
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
             raise ValueError(f"rank must be an integer >= 0, got {rank!r}.")
+        r0 = rank if ranknum is None else ranknum
+        if isinstance(r0, bool) or not isinstance(r0, int) or r0 < rank:
+            raise ValueError(
+                f"ranknum (the creation rank r₀) must be an integer >= rank ({rank}), got {r0!r}."
+            )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout}.")
         device = self.weight.device
@@ -141,13 +152,13 @@ class _SVDLayerBase(nn.Module):
         self.lora_E[adapter_name] = nn.Parameter(e)
         self.lora_B[adapter_name] = nn.Parameter(b)
         self.ranknum[adapter_name] = nn.Parameter(
-            torch.full((1,), float(rank), **kw), requires_grad=False
+            torch.full((1,), float(r0), **kw), requires_grad=False
         )
         self.lora_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.r[adapter_name] = rank
         self.lora_alpha[adapter_name] = float(alpha)
-        self.scaling[adapter_name] = float(alpha) if alpha > 0 else float(rank)
-        if adapter_name not in self.active_adapters:
+        self.scaling[adapter_name] = float(alpha) if alpha > 0 else float(r0)
+        if activate and adapter_name not in self.active_adapters:
             self.active_adapters.append(adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -257,7 +268,8 @@ class _SVDLayerBase(nn.Module):
         result = self.base_layer(x, *args, **kwargs)  # (..., out), dtype of the base output
         out_dtype = result.dtype
         for name in self.active_adapters:
-            if name in self.merged_adapters or name not in self.lora_A:
+            # merged, absent, or shrunk to rank 0 (no update): nothing to add
+            if name in self.merged_adapters or name not in self.lora_A or self.r.get(name) == 0:
                 continue
             # float32 sum, cast back: same rounding as PEFT's in-place `result += delta`
             result = (result + self._adapter_forward(x, name)).to(out_dtype)
@@ -285,6 +297,7 @@ class SVDLinear(_SVDLayerBase):
         adapter_name: str = "default",
         fan_in_fan_out: bool = False,
         init_weights: bool = True,
+        ranknum: int | None = None,
     ) -> None:
         super().__init__(base)
         if is_conv1d(base):
@@ -311,7 +324,7 @@ class SVDLinear(_SVDLayerBase):
         rows, cols = self.weight.shape
         # nn.Linear stores (out, in), Conv1D (in, out)
         self.in_features, self.out_features = (rows, cols) if fan_in_fan_out else (cols, rows)
-        self.add_adapter(adapter_name, rank, alpha, dropout, init_weights)
+        self.add_adapter(adapter_name, rank, alpha, dropout, init_weights, ranknum=ranknum)
 
     def _a_cols(self) -> int:
         return int(self.in_features)
@@ -328,8 +341,10 @@ class SVDLinear(_SVDLayerBase):
     def _adapter_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
         a, e, b = self.lora_A[name], self.lora_E[name], self.lora_B[name]
         x = self.lora_dropout[name](x.to(a.dtype))  # (..., in)
+        # the scale goes into E, (r, 1), rather than into a pass over the output (PEFT: two)
+        ae = a * (e * self._scale(name))  # (r, in)
         # (..., in) @ (in, r) @ (r, out) -> (..., out)
-        return (x @ (a * e).T @ b.T) * self.scaling[name] / (self.ranknum[name] + _EPS)
+        return x @ ae.T @ b.T
 
 
 class SVDConv2d(_SVDLayerBase):
@@ -349,6 +364,7 @@ class SVDConv2d(_SVDLayerBase):
         *,
         adapter_name: str = "default",
         init_weights: bool = True,
+        ranknum: int | None = None,
     ) -> None:
         if not isinstance(base, nn.Conv2d):
             raise ValueError(f"SVDConv2d wraps nn.Conv2d, got {type(base).__name__}.")
@@ -360,7 +376,7 @@ class SVDConv2d(_SVDLayerBase):
         super().__init__(base)
         self.in_features = base.in_channels
         self.out_features = base.out_channels
-        self.add_adapter(adapter_name, rank, alpha, dropout, init_weights)
+        self.add_adapter(adapter_name, rank, alpha, dropout, init_weights, ranknum=ranknum)
 
     def _a_cols(self) -> int:
         return int(self.weight[0].numel())  # in · kh · kw
@@ -397,13 +413,14 @@ class SVDEmbedding(_SVDLayerBase):
         *,
         adapter_name: str = "default",
         init_weights: bool = True,
+        ranknum: int | None = None,
     ) -> None:
         if not isinstance(base, nn.Embedding):
             raise ValueError(f"SVDEmbedding wraps nn.Embedding, got {type(base).__name__}.")
         super().__init__(base)
         self.in_features = base.num_embeddings
         self.out_features = base.embedding_dim
-        self.add_adapter(adapter_name, rank, alpha, dropout, init_weights)
+        self.add_adapter(adapter_name, rank, alpha, dropout, init_weights, ranknum=ranknum)
 
     def _a_cols(self) -> int:
         return int(self.in_features)
@@ -420,10 +437,9 @@ class SVDEmbedding(_SVDLayerBase):
         base = self.base_layer
         assert isinstance(base, nn.Embedding)
         a, e, b = self.lora_A[name], self.lora_E[name], self.lora_B[name]
-        # token ids (...,) -> rows of (A ⊙ E)ᵀ: (..., r)
+        # token ids (...,) -> rows of (A ⊙ E · scale)ᵀ: (..., r), the scale folded into E
         # (max_norm and sparse concern the base table, not this product)
-        after_a = F.embedding(
-            x, (a * e).T, base.padding_idx, scale_grad_by_freq=base.scale_grad_by_freq
-        )
+        ae = a * (e * self._scale(name))  # (r, num_embeddings)
+        after_a = F.embedding(x, ae.T, base.padding_idx, scale_grad_by_freq=base.scale_grad_by_freq)
         # (..., r) @ (r, dim) -> (..., dim)
-        return (after_a @ b.T) * self.scaling[name] / (self.ranknum[name] + _EPS)
+        return after_a @ b.T

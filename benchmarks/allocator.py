@@ -3,7 +3,10 @@
 Both allocators run in one process, on the same BERT-shaped model (transformers'
 ``BertModel``, adapters on query/key/value/dense), with the same adapter weights and the same
 gradients, alternating call by call in the budgeting phase (allocation every ``deltaT`` steps).
-At the end the masked E of both must be equal, so the two did the same work.
+Ours runs twice: with its CPU default (one workspace as large as an EMA) and with a chunked
+workspace (its accelerator default, forced here). At the end the masked E of all must be
+equal, so they did the same work. On the CPU the times are process CPU time by default
+(``--clock``), which leaves out the time other processes hold the cores.
 
     python benchmarks/allocator.py                 # 24 layers, hidden 128, init_r 12
     python benchmarks/allocator.py --layers 12 --hidden 256 --steps 100
@@ -20,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+import adalora_torch._allocator as allocator_module
 from adalora_torch import inject_adapters
 from adalora_torch._allocator import RankAllocator
 
@@ -67,9 +71,24 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-peft", action="store_true", help="time ours only")
+    parser.add_argument(
+        "--chunk",
+        type=int,
+        default=None,
+        help="entries per workspace chunk of the chunked run (default: the accelerator default "
+        "for this adapter, max(2**16, entries / 16))",
+    )
+    parser.add_argument(
+        "--clock",
+        default="auto",
+        choices=["auto", "cpu", "wall"],
+        help="cpu: process CPU time (steadier on a shared machine); auto: cpu on the CPU",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.clock == "auto":
+        args.clock = "cpu" if device.type == "cpu" else "wall"
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     total_step = 100 * (args.steps + args.warmup)  # stay in the budgeting phase
@@ -109,45 +128,72 @@ def main() -> None:
             if their_lora:
                 their_lora[name].copy_(p)
 
+    alloc = RankAllocator(ours, target_r=args.target_r, **schedule)
+    # the same allocator with a chunked workspace (the accelerator default; here forced)
+    ours_chunked = copy.deepcopy(ours)
+    chunked_lora = lora_params(ours_chunked)
+    if args.chunk is None:
+        args.chunk = max(1 << 16, -(-sum(p.numel() for p in our_lora.values()) // 16))
+    allocator_module._CHUNK_FLOATS = args.chunk
+    alloc_chunked = RankAllocator(ours_chunked, target_r=args.target_r, **schedule)
+    allocator_module._CHUNK_FLOATS = None
+    now = time.process_time if args.clock == "cpu" else time.perf_counter
+
     def set_grads(step: int) -> None:
         grads = grad_sets[step % len(grad_sets)]
         for name, p in our_lora.items():
-            p.grad = grads[name]
+            p.grad = chunked_lora[name].grad = grads[name]
             if their_lora:
                 their_lora[name].grad = grads[name]
 
-    alloc = RankAllocator(ours, target_r=args.target_r, **schedule)
-
-    timed: dict[str, dict[bool, list[float]]] = {k: {True: [], False: []} for k in ("ours", "peft")}
+    who_all = ["ours", "chunked", "peft"]
+    timed: dict[str, dict[bool, list[float]]] = {k: {True: [], False: []} for k in who_all}
     for step in range(1, args.warmup + args.steps + 1):
         set_grads(step)
-        calls = [("ours", lambda s=step: alloc.update_and_allocate(s))]
+        calls = [
+            ("ours", lambda s=step: alloc.update_and_allocate(s)),
+            ("chunked", lambda s=step: alloc_chunked.update_and_allocate(s)),
+        ]
         if theirs is not None:
             calls.append(("peft", lambda s=step: theirs.base_model.update_and_allocate(s)))
-        if step % 2:
-            calls.reverse()  # alternate who goes first
-        for who, call in calls:
+        k = step % len(calls)
+        for who, call in calls[k:] + calls[:k]:  # rotate who goes first
             sync()
-            t0 = time.perf_counter()
+            t0 = now()
             call()
             sync()
             if step > args.warmup:
-                timed[who][step % args.deltaT == 0].append(time.perf_counter() - t0)
+                timed[who][step % args.deltaT == 0].append(now() - t0)
 
     n_adapter = sum(p.numel() for p in our_lora.values())
-    our_state = sum(
-        t.numel()
-        for k in ("ema_sensitivity", "ema_uncertainty")
-        for t in alloc.state_dict()[k].values()
-    )
+
+    def floats(allocator: RankAllocator) -> tuple[float, float]:
+        # per adapter parameter: the EMAs (the state), and everything held (+ the workspace)
+        state = sum(
+            t.numel()
+            for k in ("ema_sensitivity", "ema_uncertainty")
+            for t in allocator.state_dict()[k].values()
+        )
+        held = sum(
+            t.numel()
+            for b in allocator._buckets
+            for t in (b.ema_s, b.ema_u, b.workspace)
+            if t is not None
+        )
+        return state / n_adapter, held / n_adapter
+
     print(
         f"BERT-shaped: {args.layers} layers, hidden {args.hidden}, intermediate "
         f"{args.intermediate}; {len(names)} adapted matrices, init_r {args.rank}, "
-        f"{n_adapter:,} adapter parameters; device {device}, {args.threads} CPU thread(s); "
-        f"{args.steps} timed steps, allocation every {args.deltaT}"
+        f"{n_adapter:,} adapter parameters; device {device}, {args.threads} CPU thread(s), "
+        f"{'process CPU' if args.clock == 'cpu' else 'wall'} time; {args.steps} timed steps, "
+        f"allocation every {args.deltaT}; chunked: {args.chunk} floats per chunk"
     )
     rows = [("all steps", None), ("allocation steps", True), ("other steps", False)]
-    header = f"{'median ms / call':<20}{'ours':>10}{'peft':>10}{'peft / ours':>14}"
+    header = (
+        f"{'median ms / call':<22}{'ours':>9}{'chunked':>9}{'peft':>9}"
+        f"{'peft / ours':>13}{'peft / chunked':>16}"
+    )
     print(header)
     print("-" * len(header))
     for label, kind in rows:
@@ -155,21 +201,29 @@ def main() -> None:
             who: median_ms(t[True] + t[False] if kind is None else t[kind])
             for who, t in timed.items()
         }
-        ratio = vals["peft"] / vals["ours"] if theirs is not None else float("nan")
-        print(f"{label:<20}{vals['ours']:>10.3f}{vals['peft']:>10.3f}{ratio:>13.1f}x")
+        ratios = [vals["peft"] / vals[w] if theirs is not None else float("nan") for w in who_all]
+        print(
+            f"{label:<22}{vals['ours']:>9.3f}{vals['chunked']:>9.3f}{vals['peft']:>9.3f}"
+            f"{ratios[0]:>12.1f}x{ratios[1]:>15.1f}x"
+        )
+    (state, held), (_, held_chunked) = floats(alloc), floats(alloc_chunked)
     if theirs is not None:
         ra = theirs.base_model.rankallocator
-        their_state = sum(
-            t.numel() for d in (ra.ipt, ra.exp_avg_ipt, ra.exp_avg_unc) for t in d.values()
+        their_state = (
+            sum(t.numel() for d in (ra.ipt, ra.exp_avg_ipt, ra.exp_avg_unc) for t in d.values())
+            / n_adapter
         )
-        print(
-            f"{'state floats/param':<20}{our_state / n_adapter:>10.2f}"
-            f"{their_state / n_adapter:>10.2f}{their_state / our_state:>13.1f}x"
+        print(f"{'state floats/param':<22}{state:>9.2f}{state:>9.2f}{their_state:>9.2f}")
+        print(f"{'held floats/param':<22}{held:>9.2f}{held_chunked:>9.2f}{their_state:>9.2f}")
+        same = all(
+            torch.equal(p, their_lora[n]) and torch.equal(p, chunked_lora[n])
+            for n, p in our_lora.items()
+            if ".lora_E." in n
         )
-        same = all(torch.equal(p, their_lora[n]) for n, p in our_lora.items() if ".lora_E." in n)
-        print(f"masked E identical after the run: {same}")
+        print(f"masked E identical after the run (all three): {same}")
     else:
-        print(f"{'state floats/param':<20}{our_state / n_adapter:>10.2f}")
+        print(f"{'state floats/param':<22}{state:>9.2f}{state:>9.2f}")
+        print(f"{'held floats/param':<22}{held:>9.2f}{held_chunked:>9.2f}")
 
 
 if __name__ == "__main__":

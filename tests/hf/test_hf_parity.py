@@ -25,7 +25,11 @@ from adalora_hf import AdaLoraConfig, AdaLoraModel, get_peft_model
 
 STEPS = 12
 LOSS_TOL = dict(rtol=1e-5, atol=1e-6)
-WEIGHT_TOL = dict(rtol=1e-4, atol=1e-5)
+# Weights after 12 AdamW steps (lr 1e-2, so they move by ~0.1): our forward rounds differently
+# from PEFT's (the scale is folded into E instead of two passes over the output; both are within
+# float32 rounding of the float64 value), and Adam turns that into differences up to ~2e-5 where
+# a gradient entry is near zero (T5's decoder query).
+WEIGHT_TOL = dict(rtol=1e-4, atol=5e-5)
 
 
 def _randomize_e(model: nn.Module, seed: int = 1) -> None:

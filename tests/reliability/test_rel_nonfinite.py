@@ -66,13 +66,15 @@ def test_injected_inf_and_nan_are_skipped_and_counted(rel: SimpleNamespace) -> N
     _check_final(model)
 
 
-@pytest.mark.parametrize(("dtype", "skipped"), [(torch.float16, 5), (torch.bfloat16, 0)])
+@pytest.mark.parametrize(("dtype", "skipped"), [(torch.float16, 3), (torch.bfloat16, 0)])
 def test_grad_scaler_on_cpu(dtype: torch.dtype, skipped: int, rel: SimpleNamespace) -> None:
-    # init_scale 2^20 overflows fp16 gradients until the scaler has halved it to 2^15
+    # init_scale 2^20 overflows fp16 gradients until the scaler has halved it to 2^17 (the
+    # orthogonal penalty runs in float32 under autocast, so only the model's gradients overflow)
     model = AdaLoraModel(rel.tiny_bert(), AdaLoraConfig(**rel.schedule()))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20, growth_interval=1000)
-    scaler_skips = 0
+    scaler_skips = adapter_overflows = 0
+    adapter = [p for n, p in model.named_parameters() if ".lora_" in n and p.requires_grad]
     model.train()
     for step in range(1, 13):
         with torch.autocast("cpu", dtype=dtype):
@@ -83,13 +85,17 @@ def test_grad_scaler_on_cpu(dtype: torch.dtype, skipped: int, rel: SimpleNamespa
         scaler.step(optimizer)
         scaler.update()
         scaler_skips += scaler.get_scale() < scale
+        # the scaler also skips for the head's gradients; the importance only for the adapter's
+        adapter_overflows += not all(torch.isfinite(p.grad).all() for p in adapter)
         budget = model.update_and_allocate(step)
         optimizer.zero_grad()
         assert all(torch.isfinite(t).all() for t in _emas(model).values()), step
         if step >= 3:
             assert _kept(model) == budget, step
     assert scaler_skips == skipped
-    assert model.rankallocator.skipped_steps == skipped  # all of them before the final step
+    assert 0 < adapter_overflows <= skipped if skipped else adapter_overflows == 0
+    # all of them before the final step
+    assert model.rankallocator.skipped_steps == adapter_overflows
     _check_final(model)
     trained = next(p for n, p in model.named_parameters() if "lora_A" in n)
     assert torch.isfinite(trained).all()

@@ -728,3 +728,41 @@ def test_state_follows_the_adapters(make_stack: Callable[..., nn.ModuleDict]) ->
         for key in ("ema_sensitivity", "ema_uncertainty"):
             assert a[key].keys() == b[key].keys()
             assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+
+
+@pytest.mark.parametrize("sync_free", [False, True], ids=["host_flag", "sync_free"])
+@pytest.mark.parametrize("chunk", [1, 7, 40])
+def test_chunked_workspace_equals_one_workspace(
+    make_stack: Callable[..., nn.ModuleDict],
+    monkeypatch: pytest.MonkeyPatch,
+    chunk: int,
+    sync_free: bool,
+) -> None:
+    """A workspace of ``chunk`` entries (``I`` computed chunk by chunk, the accelerator
+    default) gives the same EMAs, masks and skipped steps, bit for bit, as one workspace as
+    large as the EMAs (the CPU default), a non-finite step included; the workspace is the
+    largest chunk."""
+    layout = [(5, 4, 4), (3, 4, 4), (5, 4, 4), (6, 2, 3)]
+    kw = dict(target_r=2, tinit=1, tfinal=2, total_step=10, deltaT=2)
+    models = [make_stack(layout, dtype=torch.float32) for _ in range(2)]
+    whole = RankAllocator(models[0], **kw)
+    monkeypatch.setattr("adalora_torch._allocator._CHUNK_FLOATS", chunk)
+    chunked = RankAllocator(models[1], **kw)
+    for alloc in (whole, chunked):
+        alloc._sync_free = sync_free
+    for step in range(10):
+        for model in models:
+            step_model(model, np.random.default_rng(step))
+            if step == 4:  # a non-finite gradient in the last chunk: the step is skipped
+                model["m3"].lora_B["default"].grad.view(-1)[-1] = float("nan")
+        results = [alloc.update_and_allocate(step) for alloc in (whole, chunked)]
+        assert results[0] == results[1]
+        a, b = (alloc.state_dict() for alloc in (whole, chunked))
+        assert a["keep"] == b["keep"] and a["skipped_steps"] == b["skipped_steps"]
+        for key in ("ema_sensitivity", "ema_uncertainty"):
+            assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    assert chunked.skipped_steps == 1
+    bucket = chunked._buckets[0]
+    assert bucket.workspace is None  # freed at the final allocation
+    assert len(bucket.chunks) > 1
+    assert max(n for *_, n in bucket.chunks) <= max(chunk, 4 * 6)  # a larger tensor: its own
