@@ -198,6 +198,10 @@ def _inspect(args: argparse.Namespace) -> int:
         return 2
     print(format_adapter_table(summary))
     out = args.out if args.out is not None else args.path / "ranks.png"
+    if out.is_dir():
+        out = out / "ranks.png"
+    elif out.suffix.lower() != ".png":
+        out = out.with_name(out.name + ".png")  # what matplotlib would write; say it
     init_r = summary.config.get("init_r")
     try:
         plot_rank_heatmap(

@@ -129,6 +129,20 @@ def test_inspect_the_demo_adapter(demo: tuple[Path, str, Path], tmp_path: Path) 
     assert_png(tmp_path / "h.png")
 
 
+@pytest.mark.parametrize(("given", "written"), [("heat", "heat.png"), (".", "ranks.png")])
+def test_inspect_reports_the_file_it_wrote(
+    demo: tuple[Path, str, Path], tmp_path: Path, given: str, written: str
+) -> None:
+    out, _, _ = demo
+    code, stdout, stderr = run_cli(
+        "inspect", str(out / "adalora-adapter"), "--out", str(tmp_path / given)
+    )
+    assert code == 0, stderr
+    target = (tmp_path / written).resolve()
+    assert_png(target)
+    assert Path(stdout.strip().splitlines()[-1].split("heatmap: ")[1]).resolve() == target
+
+
 def _peft_adapter(path: Path, train_steps: int) -> dict[str, int]:
     """A tiny PEFT AdaLoRA ViT, trained ``train_steps`` steps and saved; its ranks per module."""
     peft = pytest.importorskip("peft")
