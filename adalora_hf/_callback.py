@@ -139,8 +139,12 @@ class AdaLoraCallback(TrainerCallback):
         """Update importance and allocate; the step is ``state.global_step + 1``."""
         self.budget = find_adalora_model(model).update_and_allocate(state.global_step + 1)
 
-    def _open_checkpoint_window(self, model: Any) -> None:
-        find_adalora_model(model).adapter_only_state_dict = True
+    def _open_checkpoint_window(self, model: Any, control: TrainerControl) -> None:
+        # only when the Trainer is about to save (DefaultFlowCallback, which runs first, has
+        # decided), and closed again in on_save: a run that stops with an exception in
+        # between must not leave model.state_dict() without the base weights
+        if control.should_save:
+            find_adalora_model(model).adapter_only_state_dict = True
 
     def on_step_end(
         self,
@@ -151,7 +155,7 @@ class AdaLoraCallback(TrainerCallback):
         **kwargs: Any,
     ) -> None:
         """Open the checkpoint window (the Trainer may save before the next step)."""
-        self._open_checkpoint_window(model)
+        self._open_checkpoint_window(model, control)
 
     def on_epoch_end(
         self,
@@ -162,7 +166,7 @@ class AdaLoraCallback(TrainerCallback):
         **kwargs: Any,
     ) -> None:
         """Open the checkpoint window (the Trainer may save at the end of an epoch)."""
-        self._open_checkpoint_window(model)
+        self._open_checkpoint_window(model, control)
 
     def on_train_end(
         self,
@@ -184,9 +188,11 @@ class AdaLoraCallback(TrainerCallback):
         **kwargs: Any,
     ) -> None:
         """Write the allocator state next to the checkpoint the Trainer just saved."""
+        adalora = find_adalora_model(model)
+        adalora.adapter_only_state_dict = False  # the checkpoint is written: close the window
         directory = _checkpoint_dir(args, state)
         if state.is_world_process_zero and os.path.isdir(directory):
-            find_adalora_model(model).save_allocator_state(directory)
+            adalora.save_allocator_state(directory)
 
     def on_log(
         self,

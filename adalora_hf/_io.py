@@ -13,8 +13,10 @@ its old content or its new content, never a mix that loads.
      the old one is renamed to ``<dir>.bak-<pid>``, the new one in, and the backup removed: a
      crash between the two renames leaves the previous adapter complete in ``<dir>.bak-<pid>``,
      which the loader's "not found" error points to);
-  3. it holds other files (a tokenizer, a README, another adapter's subdirectory): those are
-     never touched, and each adapter file is replaced atomically on its own, the weights
+  3. it holds other files (a tokenizer, a README, another adapter's subdirectory), or it
+     cannot be renamed (the working directory or an ancestor of it, a mount point such as a
+     container volume, a parent without write permission): other files are never touched,
+     and each adapter file is replaced atomically on its own, the weights
      first and ``adapter_config.json`` last. A crash between the two replacements leaves a new
      weights file next to the old config; the weights carry a copy of the config fields that
      give them their meaning (``adapter_model.safetensors`` metadata ``adalora_config``), so
@@ -110,6 +112,15 @@ def _only_ours(directory: str, names: Mapping[str, bytes]) -> bool:
     return True
 
 
+def _can_swap(directory: str, parent: str) -> bool:
+    """Whether the directory itself may be renamed: not the working directory or one of its
+    ancestors, not a mount point (a volume), and its parent is writable."""
+    cwd = os.getcwd()
+    if cwd == directory or cwd.startswith(directory.rstrip(os.sep) + os.sep):
+        return False
+    return not os.path.ismount(directory) and os.access(parent, os.W_OK)
+
+
 def write_files_atomic(directory: str | os.PathLike[str], files: Mapping[str, bytes]) -> str:
     """Write ``files`` (name -> bytes, in that order) into ``directory`` crash-safely.
 
@@ -118,11 +129,13 @@ def write_files_atomic(directory: str | os.PathLike[str], files: Mapping[str, by
     other entries, left untouched; each file replaced atomically). See the module docstring.
     Raises ``ValueError`` when ``directory`` is an existing file.
     """
-    directory = os.fspath(directory).rstrip("/\\") or os.fspath(directory)
+    directory = os.path.abspath(os.fspath(directory))  # ".", "./x/" and "x" alike
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise ValueError(f"{directory!r} is a file; pass a directory to save into.")
-    parent = os.path.dirname(os.path.abspath(directory))
-    if os.path.isdir(directory) and not _only_ours(directory, files):
+    parent = os.path.dirname(directory)
+    if os.path.isdir(directory) and (
+        not _only_ours(directory, files) or not _can_swap(directory, parent)
+    ):
         for name, data in files.items():  # 3) other files live here: one file at a time
             write_file_atomic(os.path.join(directory, name), data)
         return "per-file"

@@ -13,10 +13,17 @@ import warnings
 import peft
 import pytest
 import torch
+from packaging.version import Version
 
 import adalora_hf
 from adalora_hf import AdaLoraConfig, AdaLoraModel, get_peft_model
 from adalora_torch import SVDAdapter, orthogonal_penalty
+
+# The PEFT oracle here is 0.21; older PEFT (seen on 0.17.1 in `nox -s compat`) differs where PEFT
+# itself changed later: layers_to_transform=0 read as unset, T5 layer matching, orth_reg_weight=0
+# refused.
+OLD_PEFT = Version(peft.__version__) < Version("0.21")
+old_peft_differs = pytest.mark.skipif(OLD_PEFT, reason="the PEFT oracle < 0.21 behaves differently")
 
 
 def _adapted(model: torch.nn.Module) -> list[str]:
@@ -73,9 +80,11 @@ def test_target_modules(make_base, schedule, targets, extra, expected) -> None:
     ("kind", "extra"),
     [
         ("bert", {"layers_to_transform": [1]}),
-        ("bert", {"layers_to_transform": 0, "layers_pattern": "layer"}),
+        pytest.param(
+            "bert", {"layers_to_transform": 0, "layers_pattern": "layer"}, marks=old_peft_differs
+        ),
         ("llama", {"layers_to_transform": [1], "layers_pattern": "layers"}),
-        ("t5", {"layers_to_transform": [0]}),
+        pytest.param("t5", {"layers_to_transform": [0]}, marks=old_peft_differs),
         ("gpt2", {"layers_to_transform": [1], "layers_pattern": "h"}),
     ],
 )
@@ -336,6 +345,7 @@ def test_rank_pattern_is_recorded_in_peft_form(make_base, schedule, bert_batch) 
     assert budgets[0] == 4 * 4  # warm-up
 
 
+@old_peft_differs
 def test_exact_budget_on_ties_where_peft_overprunes(make_base, schedule, bert_batch) -> None:
     # E = 0 at init and no orthogonal penalty: A, B and E get |p · g| = 0, every score ties.
     kw = schedule(tinit=0, deltaT=1, orth_reg_weight=0.0)

@@ -6,13 +6,18 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import peft
 import pytest
 import torch
+from packaging.version import Version
 from peft.utils import TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING as PEFT_TABLE
 from transformers import AutoConfig, AutoModel
 
 from adalora_hf import DEFAULT_TARGET_MODULES, AdaLoraConfig, AdaLoraModel, default_target_modules
 from adalora_torch import SVDAdapter
+
+OLD_PEFT = Version(peft.__version__) < Version("0.21")
+
 
 _ENCODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37)
 _DECODER = dict(_ENCODER, num_key_value_heads=2)
@@ -49,7 +54,10 @@ def test_table_agrees_with_peft_where_peft_has_an_entry() -> None:
     for model_type, targets in PEFT_TABLE.items():
         assert DEFAULT_TARGET_MODULES[model_type] == targets, model_type
     extra = set(DEFAULT_TARGET_MODULES) - set(PEFT_TABLE)
-    assert extra == {"mistral", "mixtral", "vit"}
+    if OLD_PEFT:  # older PEFT lacks entries that 0.21 has (e.g. gemma4)
+        assert {"mistral", "mixtral", "vit"} <= extra
+    else:
+        assert extra == {"mistral", "mixtral", "vit"}
 
 
 def test_unknown_model_type_names_the_fix() -> None:

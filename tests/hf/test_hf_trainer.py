@@ -200,3 +200,20 @@ def test_resume_without_allocator_state_warns(make_base, tmp_path) -> None:
     trainer = _checkpointing_trainer(second, tmp_path, [AdaLoraCallback()])
     with pytest.warns(UserWarning, match="without the rank allocator's state"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+
+
+def test_checkpoint_window_opens_only_for_a_save(make_base, tmp_path) -> None:
+    # a run that stops (exception, Ctrl-C) after a step must not leave state_dict() without
+    # the base weights: the adapter-only window opens only when the Trainer will save now
+    from transformers import TrainerControl, TrainerState
+
+    model = _adalora_bert(make_base)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    callback, state = AdaLoraCallback(), TrainerState()
+    callback.on_step_end(args, state, TrainerControl(should_save=False), model=model)
+    assert not model.base_model.adapter_only_state_dict
+    assert any("word_embeddings" in k for k in model.state_dict())
+    callback.on_epoch_end(args, state, TrainerControl(should_save=True), model=model)
+    assert model.base_model.adapter_only_state_dict
+    callback.on_save(args, state, TrainerControl(), model=model)
+    assert not model.base_model.adapter_only_state_dict

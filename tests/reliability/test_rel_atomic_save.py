@@ -84,6 +84,49 @@ def test_save_modes(tmp_path: Path) -> None:
     assert _entries(tmp_path) == ["new"]  # no temporary or backup left behind
 
 
+@pytest.mark.parametrize("spelling", [".", "./", ""])
+def test_save_into_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spelling: str
+) -> None:
+    # the working directory cannot be renamed: empty or holding only a previous adapter, it
+    # is written file by file, and nothing is created beside it
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    target = spelling or str(work)
+    assert io_.write_files_atomic(target, {"a.json": b"1", "b.bin": b"2"}) == "per-file"
+    assert io_.write_files_atomic(target, {"a.json": b"3", "b.bin": b"4"}) == "per-file"
+    assert (work / "a.json").read_bytes() == b"3" and (work / "b.bin").read_bytes() == b"4"
+    assert _entries(work) == ["a.json", "b.bin"]
+    assert _entries(tmp_path) == ["work"]
+
+
+def test_adapter_saves_into_dot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from adalora_hf import AdaLoraConfig, AdaLoraModel
+
+    config = BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
+    model = AdaLoraModel(
+        BertForSequenceClassification(config),
+        AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["query"]),
+    )
+    monkeypatch.chdir(tmp_path)
+    model.save_pretrained(".")
+    model.save_pretrained("./")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+
+
 @pytest.mark.parametrize(
     "crash",
     ["first-write", "second-write", "exchange", "fallback-second-rename"],
