@@ -1,13 +1,42 @@
-"""Helpers shared by the benchmark scripts: device choice, timing, tensor-memory accounting."""
+"""Helpers shared by the benchmark scripts: the model shape, device choice, timing,
+tensor-memory accounting."""
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+
+# the issue's model: 24-layer BERT-shaped, hidden 128, adapters on query/key/value/dense
+TARGETS = ["query", "key", "value", "dense"]
+
+
+def add_model_args(parser: argparse.ArgumentParser, rank_help: str = "init_r") -> None:
+    """The BERT shape and the AdaLoRA ranks, the same defaults in every benchmark."""
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--intermediate", type=int, default=512)
+    parser.add_argument("--rank", type=int, default=12, help=rank_help)
+    parser.add_argument("--target-r", type=int, default=4)
+
+
+def bert_config(args: argparse.Namespace, **extra: Any) -> Any:
+    """A ``transformers.BertConfig`` of the shape given by :func:`add_model_args`."""
+    from transformers import BertConfig
+
+    return BertConfig(
+        num_hidden_layers=args.layers,
+        hidden_size=args.hidden,
+        num_attention_heads=args.heads,
+        intermediate_size=args.intermediate,
+        vocab_size=1000,
+        **extra,
+    )
 
 
 def resolve_device(name: str) -> torch.device:

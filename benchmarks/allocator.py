@@ -21,27 +21,19 @@ import time
 from typing import Any
 
 import torch
+from _common import TARGETS, add_model_args, bert_config
 from torch import nn
 
 import adalora_torch._allocator as allocator_module
 from adalora_torch import inject_adapters
 from adalora_torch._allocator import RankAllocator
 
-TARGETS = ["query", "key", "value", "dense"]
-
 
 def build_base(args: argparse.Namespace) -> nn.Module:
-    from transformers import BertConfig, BertModel
+    from transformers import BertModel
 
-    config = BertConfig(
-        num_hidden_layers=args.layers,
-        hidden_size=args.hidden,
-        num_attention_heads=args.heads,
-        intermediate_size=args.intermediate,
-        vocab_size=1000,
-    )
     torch.manual_seed(0)
-    return BertModel(config)
+    return BertModel(bert_config(args))
 
 
 def lora_params(model: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -58,12 +50,7 @@ def median_ms(times: list[float]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=24)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--intermediate", type=int, default=512)
-    parser.add_argument("--rank", type=int, default=12, help="init_r")
-    parser.add_argument("--target-r", type=int, default=4)
+    add_model_args(parser)
     parser.add_argument("--deltaT", type=int, default=10)
     parser.add_argument("--steps", type=int, default=200, help="timed steps")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")

@@ -44,6 +44,9 @@ from typing import Any
 
 import torch
 from _common import (
+    TARGETS,
+    add_model_args,
+    bert_config,
     clock,
     quantile,
     resolve_device,
@@ -58,7 +61,6 @@ import adalora_hf
 import adalora_torch._allocator as allocator_module
 from adalora_torch import shrink_to_pattern
 
-TARGETS = ["query", "key", "value", "dense"]
 MiB = 2**20
 
 
@@ -75,18 +77,10 @@ class Config:
 
 
 def build_base(args: argparse.Namespace, device: torch.device) -> nn.Module:
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertForSequenceClassification
 
-    config = BertConfig(
-        num_hidden_layers=args.layers,
-        hidden_size=args.hidden,
-        num_attention_heads=args.heads,
-        intermediate_size=args.intermediate,
-        vocab_size=1000,
-        num_labels=2,
-    )
     torch.manual_seed(0)
-    return BertForSequenceClassification(config).to(device)
+    return BertForSequenceClassification(bert_config(args, num_labels=2)).to(device)
 
 
 def adapter_params(model: nn.Module) -> list[torch.Tensor]:
@@ -180,12 +174,7 @@ def ratio(c: Config, reference: Config) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=24)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--intermediate", type=int, default=512)
-    parser.add_argument("--rank", type=int, default=12, help="init_r, and LoRA's reference r")
-    parser.add_argument("--target-r", type=int, default=4)
+    add_model_args(parser, rank_help="init_r, and LoRA's reference r")
     parser.add_argument("--alpha", type=float, default=8.0, help="lora_alpha of every adapter")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=64)
