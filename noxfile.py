@@ -45,7 +45,7 @@ def slow(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def lint(session: nox.Session) -> None:
-    """ruff check, ruff format --check, mypy on the three packages."""
+    """ruff check, ruff format --check, mypy on the three packages and the benchmarks."""
     _install(session, "dev")
     _lint(session)
 
@@ -54,6 +54,7 @@ def _lint(session: nox.Session) -> None:
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
     session.run("mypy", *PACKAGES)
+    session.run("mypy", "benchmarks")  # scripts: their own run, `_common` found beside them
 
 
 @nox.session(python="3.11")

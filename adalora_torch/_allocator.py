@@ -4,22 +4,25 @@ Zhang et al., "AdaLoRA", ICLR 2023, https://arxiv.org/abs/2303.10512, eqs. (8)-(
 algorithm is :func:`adalora_core.rank_allocator` (the NumPy specification); this module runs it
 on the adapters' device with a fixed number of kernel launches per step, however many layers.
 
-Memory, per device: two flat buffers ``Ī`` and ``Ū`` (one float per adapter entry each: the
-state, checkpointed), plus a workspace for ``I = |p · g|`` (kept between steps of the budgeting
-phase so that no large buffer is allocated per step, freed with the EMAs at the final
-allocation). On the CPU the workspace holds every entry (one more float per entry). On an
-accelerator ``I`` is computed in chunks of ``max(2**16, numel/16)`` entries, so the workspace
-adds a sixteenth of a float per entry (small adapters: 2**16 floats): a first pass over the
-chunks finds whether any ``I`` is non-finite, a second recomputes each chunk and folds it into
-the EMAs (a bad step is skipped before any EMA changes, as the spec wants, at the price of
-reading ``p`` and ``g`` twice: cheap where memory bandwidth is plentiful, a third more
-allocator time on a CPU). Matrices of equal shape sit next to each other in the buffers, so
-their triplet scores come from one batched reduction per shape.
+Memory, per device: two flat buffers ``Ī`` and ``Ū``, one float per adapter entry each (the
+state, checkpointed), and a workspace for ``I = |p · g|`` as large as one of them, plus a
+staging buffer of at most ``2**16`` entries for gradients. On an accelerator the workspace is
+allocated at the start of a call and freed at its end: the call runs after the backward pass,
+when the activations are gone, and the caching allocator hands the same block to the next
+forward pass, so it adds nothing to the training step's peak and the allocator holds two
+floats per entry between calls. On the CPU the workspace is kept from call to call during the
+budgeting phase (three floats per entry), because a fresh block of that size costs page faults
+every call; it is freed with the EMAs at the final allocation. Matrices of equal shape sit next
+to each other in the buffers: their ``p`` are stacked into the workspace and their ``g`` into
+the staging buffer, one ``torch.stack`` each per run of equal shapes, so the number of kernel
+launches per step follows the number of distinct shapes, not of layers, and their triplet
+scores come from one batched reduction per shape.
 
-Per step: one multi-tensor ``_foreach_addcmul_`` per chunk writes ``p · g`` into the
-workspace; then about six element-wise kernels over it and the EMA slices (abs, finiteness,
-two ``lerp_`` for the EMAs, ``|I - Ī|``). On allocation steps: ``Ī·Ū``, one mean over A and
-one over B per shape group, one device-to-host copy of the ``Σ r`` scores,
+Per step: one ``stack`` of ``p``, one of ``g`` and one multiply per run of equal shapes, then
+six element-wise kernels over the workspace and the EMAs (abs, max, two ``lerp_`` for the
+EMAs, ``|I - Ī|``). A step whose ``I`` has a non-finite entry leaves the EMAs untouched (it is
+known before any EMA changes, as the spec wants). On allocation steps: ``Ī·Ū``, one mean over
+A and one over B per shape group, one device-to-host copy of the ``Σ r`` scores,
 ``adalora_core.allocate``, one host-to-device copy of the masks and one ``_foreach_mul_``
 zeroing E.
 
@@ -33,14 +36,13 @@ from __future__ import annotations
 
 import operator
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from itertools import repeat
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
 from torch import nn
-from torch._utils import _unflatten_dense_tensors as unflatten
 
 from adalora_core import allocate, budget_schedule, validate_betas, validate_schedule
 
@@ -50,12 +52,13 @@ from ._protocol import SVDAdapter
 __all__ = ["RankAllocator"]
 
 _FORMAT = "adalora_torch.RankAllocator/1"
-# Entries of I = |p · g| computed at a time (the workspace size). A chunked workspace adds little
-# to the two floats of state per adapter entry, but a step then reads p and g twice (a scan for
-# non-finite values first, so that a bad step is skipped before any EMA changes). None: chunks of
-# max(2**16, numel / 16) on accelerators (memory is scarce, bandwidth is not) and one chunk, a
-# workspace as large as an EMA, on the CPU (where the second read costs more than the memory).
-_CHUNK_FLOATS: int | None = None
+# Entries of a run of equal-shape parameters stacked at once: the gradients of a run are staged
+# in a buffer of at most this many entries during a call (a single larger matrix needs none).
+_STAGE_FLOATS = 1 << 16
+# Keep the workspace (and the staging buffer) from one call to the next? None: on the CPU, where
+# allocating it afresh costs page faults every call (glibc returns large blocks to the system),
+# and not on accelerators, where the caching allocator hands back the same block for free.
+_HOLD_WORKSPACE: bool | None = None
 _KINDS = ("lora_A", "lora_E", "lora_B")
 _CONFIG = ("target_r", "tinit", "tfinal", "total_step", "deltaT", "beta1", "beta2")
 _STATE_KEYS = (
@@ -80,6 +83,9 @@ def _triplet(layer: SVDAdapter, adapter: str) -> tuple[torch.Tensor, torch.Tenso
 
 _grad = operator.attrgetter("grad")
 _device = operator.attrgetter("device")
+_sensitivity = operator.methodcaller("sensitivity")
+_apply_masks = operator.methodcaller("apply_masks")
+_T = TypeVar("_T")
 
 
 def _keep_dict(layer: Any) -> dict[str, torch.Tensor]:
@@ -108,18 +114,27 @@ class _Group:
         return (e + (a + b)).reshape(-1)  # (G * r,), member-major
 
 
-def _chunks(params: list[torch.Tensor], limit: int) -> list[tuple[int, int, int, int]]:
-    """Split ``params`` (flat-buffer order) into runs of at most ``limit`` entries (a larger
-    tensor is a run of its own): ``(first, end, flat offset, numel)`` of each non-empty run."""
-    out: list[tuple[int, int, int, int]] = []
-    first, offset, n = 0, 0, 0
-    for k, p in enumerate(params):
-        if n and n + p.numel() > limit:
-            out.append((first, k, offset, n))
-            first, offset, n = k, offset + n, 0
-        n += p.numel()
-    if n:
-        out.append((first, len(params), offset, n))
+def _runs(
+    params: list[torch.Tensor], limit: int
+) -> list[tuple[int, int, int, int, tuple[int, ...]]]:
+    """Split ``params`` (flat-buffer order) into runs of consecutive tensors of equal shape and
+    at most ``limit`` entries in all (a larger tensor is a run of its own): ``(first, end, flat
+    offset, numel, shape)`` of each run, ``shape`` the stacked ``(end - first, *p.shape)``, or
+    ``p.shape`` for a run of one."""
+    out: list[tuple[int, int, int, int, tuple[int, ...]]] = []
+    offset, k = 0, 0
+    while k < len(params):
+        shape, size = tuple(params[k].shape), params[k].numel()
+        end = k + 1
+        while (
+            end < len(params)
+            and tuple(params[end].shape) == shape
+            and (end - k + 1) * size <= limit
+        ):
+            end += 1
+        n = (end - k) * size
+        out.append((k, end, offset, n, shape if end - k == 1 else (end - k, *shape)))
+        offset, k = offset + n, end
     return out
 
 
@@ -168,25 +183,18 @@ class _Bucket:
         # EMA weights (1-β1, 1-β2), as floats and on the device (set by the allocator)
         self.weights = (0.0, 0.0)
         self.weights_on = torch.zeros(2, **kw)
-        # I = |p · g| is computed a chunk of consecutive params at a time, in one workspace of
-        # the largest chunk's size (kept during budgeting, freed with the EMAs)
-        self.chunks = self._chunks()  # (first, end, flat offset, numel)
-        self.workspace: torch.Tensor | None = None
-        self.workspace_views: list[list[torch.Tensor]] = []  # per chunk, shaped like params
-        self.chunk_max = torch.zeros(0)  # per chunk, the largest I of the last step
+        # runs of equal-shape params, stacked at once into the (per-call) workspace
+        self.runs = _runs(self.params, _STAGE_FLOATS)
+        self.stage = max((n for i, j, _, n, _ in self.runs if j - i > 1), default=0)
+        # the workspace and staging buffer, when held between calls (see _HOLD_WORKSPACE)
+        self.hold = device.type == "cpu" if _HOLD_WORKSPACE is None else _HOLD_WORKSPACE
+        self.held: tuple[torch.Tensor, torch.Tensor] | None = None
         # E parameters still at full rank, and their keep-masks as 0/1 factors of shape (r, 1)
         self.e_all = [t[1] for t in triplets]
         self.mask_members: list[int] = []
         self.mask_pos = np.zeros(0, dtype=np.int64)  # global triplet positions of mask_members
         self.e_masked: list[torch.Tensor] = []
         self.e_factors: list[torch.Tensor] = []
-
-    def _chunks(self) -> list[tuple[int, int, int, int]]:
-        limit = _CHUNK_FLOATS
-        if limit is None:
-            cpu = self.device.type == "cpu"
-            limit = self.numel if cpu else max(1 << 16, -(-self.numel // 16))
-        return _chunks(self.params, limit)
 
     def views(self, flat: torch.Tensor, member: int) -> tuple[torch.Tensor, ...]:
         """The A, E, B views of ``member`` in a flat buffer (shapes (r, in), (r, 1), (out, r))."""
@@ -213,39 +221,37 @@ class _Bucket:
         missing = sorted({m for m, g in zip(self.param_member, raw) if g is None})
         return [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, raw)], missing
 
-    def _product(self, k: int, grads: list[torch.Tensor]) -> torch.Tensor:
-        # I = |p · g| of chunk k in the workspace, products in the EMA dtype: (n_k,)
-        i, j, _, n = self.chunks[k]
-        assert self.workspace is not None
-        work = self.workspace[:n]
-        work.zero_()
-        torch._foreach_addcmul_(self.workspace_views[k], self.params[i:j], grads[i:j])
-        return work.abs_()
-
     def sensitivity(self) -> tuple[torch.Tensor, list[int]]:
-        """The largest ``I = |p · g|`` of each chunk (non-finite iff some ``I`` is), and the
-        members without a gradient (their ``I`` is 0, which is what a zero gradient gives).
-
-        ``I`` itself is not kept: ``update`` computes it again chunk by chunk (the last chunk's
-        is still in the workspace), so a non-finite step is known before any EMA changes.
-        """
+        """``I = |p · g|`` of every entry, flat (a new workspace, in the EMA dtype), and the
+        members without a gradient (their ``I`` is 0, which is what a zero gradient gives)."""
         grads, missing = self._grads()
-        if self.workspace is None:  # allocated at the first update, freed with the EMAs
-            size = max((n for *_, n in self.chunks), default=0)
-            self.workspace = torch.empty(size, device=self.device, dtype=self.dtype)
-            self.workspace_views = [
-                list(unflatten(self.workspace[:n], self.params[i:j])) for i, j, _, n in self.chunks
-            ]
-            self.chunk_max = torch.empty(len(self.chunks), device=self.device, dtype=self.dtype)
+        params, device, dtype = self.params, self.device, self.dtype
+        if self.held is not None:
+            work, stage = self.held
+        else:
+            work = torch.empty(self.numel, device=device, dtype=dtype)
+            stage = torch.empty(self.stage, device=device, dtype=dtype) if self.stage else work
+            if self.hold:  # freed with the EMAs at the final allocation
+                self.held = work, stage
         with torch.no_grad():
-            for k in range(len(self.chunks)):
-                torch.amax(self._product(k, grads), dim=0, out=self.chunk_max[k])
-        return self.chunk_max, missing
+            for i, j, offset, n, shape in self.runs:
+                out = work[offset : offset + n].view(shape)
+                if j - i > 1:  # p and g of equal-shape matrices, stacked
+                    staged = stage[:n].view(shape)
+                    torch.stack(params[i:j], out=out)
+                    torch.stack(grads[i:j], out=staged)
+                    out.mul_(staged)
+                elif params[i].dtype == grads[i].dtype == self.dtype:
+                    torch.mul(params[i], grads[i], out=out)
+                else:  # products in the EMA dtype, not in a half-precision one
+                    out.copy_(params[i]).mul_(grads[i])
+            work.abs_()
+        return work, missing
 
-    def update(self, sens: torch.Tensor, finite: torch.Tensor | None) -> None:
-        """Fold ``I`` into the EMAs, chunk by chunk (``sens``: ``sensitivity()``'s result).
-        ``finite`` None: the caller checked that ``sens`` is finite; a bool tensor: keep the
-        EMAs as they are where it is False, without reading it on the host (accelerators)."""
+    def update(self, work: torch.Tensor, finite: torch.Tensor | None) -> None:
+        """Fold ``I`` (``sensitivity()``'s workspace, overwritten) into the EMAs. ``finite``
+        None: the caller checked that ``I`` is finite; a bool tensor: keep the EMAs as they are
+        where it is False, without reading it on the host (accelerators)."""
         assert self.ema_s is not None and self.ema_u is not None
         w1: float | torch.Tensor
         w2: float | torch.Tensor
@@ -253,25 +259,13 @@ class _Bucket:
             w1, w2 = self.weights
         else:  # weights 0 for a non-finite step: the lerps below leave the EMAs as they are
             w1, w2 = (self.weights_on * finite).unbind()
-        grads: list[torch.Tensor] = []
-        last = len(self.chunks) - 1
-        if last < 0:
-            return
         with torch.no_grad():
-            for k in [last, *range(last)]:  # the last chunk's I is still in the workspace
-                _, _, offset, n = self.chunks[k]
-                if k == last:
-                    work = cast(torch.Tensor, self.workspace)[:n]
-                else:
-                    grads = grads or self._grads()[0]
-                    work = self._product(k, grads)
-                if finite is not None:
-                    work.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # 0 · (I - Ī) stays 0
-                ema_s, ema_u = self.ema_s[offset : offset + n], self.ema_u[offset : offset + n]
-                # one pass per EMA: lerp(x, y, w) = x + w·(y - x) = (1 - w)·x + w·y
-                ema_s.lerp_(work, w1)  # Ī ← β1·Ī + (1-β1)·I
-                work.sub_(ema_s).abs_()  # |I - Ī|, with the updated Ī
-                ema_u.lerp_(work, w2)  # Ū ← β2·Ū + (1-β2)·|I - Ī|
+            if finite is not None:
+                work.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # 0 · (I - Ī) stays 0
+            # one pass per EMA: lerp(x, y, w) = x + w·(y - x) = (1 - w)·x + w·y
+            self.ema_s.lerp_(work, w1)  # Ī ← β1·Ī + (1-β1)·I
+            work.sub_(self.ema_s).abs_()  # |I - Ī|, with the updated Ī
+            self.ema_u.lerp_(work, w2)  # Ū ← β2·Ū + (1-β2)·|I - Ī|
 
     def scores(self) -> torch.Tensor:
         """Triplet scores of the bucket's matrices, group order (see ``score_pos``)."""
@@ -287,8 +281,9 @@ class _Bucket:
 
     def to(self, device: torch.device) -> None:
         self.device = device
-        self.workspace, self.workspace_views = None, []
-        self.chunks = self._chunks()
+        self.held = None
+        if _HOLD_WORKSPACE is None:
+            self.hold = device.type == "cpu"
         for name in ("ema_s", "ema_u", "weights_on"):
             value = getattr(self, name)
             if value is not None:
@@ -482,8 +477,7 @@ class RankAllocator:
         final = self._total_step - self.tfinal
         # 3) final phase: keep the recorded pattern
         if self._finalized:
-            for bucket in self._buckets:
-                bucket.apply_masks()
+            self._on_buckets(_apply_masks)
             self._step, self._budget = step, self.target_budget
             return self.target_budget, None
         # 1) importance, only before the final allocation
@@ -493,8 +487,7 @@ class RankAllocator:
         if step >= final:
             pattern = self._allocate(self.target_budget, step)
             for bucket in self._buckets:  # free the importance state and the workspace
-                bucket.ema_s = bucket.ema_u = bucket.workspace = None
-                bucket.workspace_views = []
+                bucket.ema_s = bucket.ema_u = bucket.held = None
             self._finalized = True
             self._step, self._budget = step, self.target_budget
             return self.target_budget, pattern
@@ -512,8 +505,7 @@ class RankAllocator:
 
     def _update_importance(self) -> None:
         work = []
-        for bucket in self._buckets:
-            sens, missing = bucket.sensitivity()
+        for sens, missing in self._on_buckets(_sensitivity):
             work.append(sens)
             new = [self._names[m] for m in missing if self._names[m] not in self._warned]
             if new:
@@ -561,8 +553,7 @@ class RankAllocator:
             check_masks_agree(keep, step=step, budget=budget)
         self._set_keep(keep)
         self._rank_pattern = {n: m.tolist() for n, m in zip(self._names, masks)}
-        for bucket in self._buckets:
-            bucket.apply_masks()
+        self._on_buckets(_apply_masks)
         return self.rank_pattern  # type: ignore[return-value]
 
     def _set_keep(self, keep: np.ndarray) -> None:
@@ -579,17 +570,32 @@ class RankAllocator:
             bucket.e_factors = list(factors.split(ranks))
 
     # -- following the model ------------------------------------------------------------------
-    def _sync_with_model(self) -> None:
-        """Rebuild the buckets when adapter parameters moved to another device or were
-        replaced (``set_rank`` / ``shrink_to_pattern`` make new Parameters)."""
+    def _sync_with_model(self, thorough: bool = False) -> bool:
+        """Rebuild the buckets when adapter parameters were replaced (``set_rank`` /
+        ``shrink_to_pattern`` make new Parameters) or moved to another device; True if so.
+
+        Every step checks the identity of every E and the device of each bucket's first E (a
+        move of the whole model); ``thorough`` checks the device of every A, E and B (run when
+        a kernel failed, e.g. because only some layers moved).
+        """
         current = map(dict.get, self._e_dicts, repeat(self.adapter_name))
         stale = not all(map(operator.is_, current, self._e_cached))
         for bucket in self._buckets:
-            stale = stale or any(
-                map(operator.ne, map(_device, bucket.e_all), repeat(bucket.device))
-            )
+            tensors = bucket.params if thorough else bucket.e_all[:1]
+            stale = stale or any(map(operator.ne, map(_device, tensors), repeat(bucket.device)))
         if stale:
             self._rebuild(ema=self._export_ema())
+        return stale
+
+    def _on_buckets(self, fn: Callable[[Any], _T]) -> list[_T]:
+        """``fn(bucket)`` for every bucket, again after a rebuild if it failed because some
+        adapter parameters moved to another device (only a first E is checked each step)."""
+        try:
+            return [fn(bucket) for bucket in self._buckets]
+        except RuntimeError:
+            if not self._sync_with_model(thorough=True):
+                raise
+            return [fn(bucket) for bucket in self._buckets]
 
     def _export_ema(self) -> dict[str, tuple[torch.Tensor, ...]] | None:
         """Per module: views (Ī_A, Ī_E, Ī_B, Ū_A, Ū_E, Ū_B) of the flat EMAs; None once final."""

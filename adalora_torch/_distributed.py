@@ -272,8 +272,8 @@ class ShardedBucket:
 
     The same interface as the allocator's per-device ``_Bucket`` (``sensitivity()`` returns a
     tensor that is non-finite iff the step must be skipped, ``update`` takes it back), over this
-    process's slices: the flat EMAs ``Ī``, ``Ū`` and the workspace ``I`` hold the local slices
-    (plus one slot, below),
+    process's slices: the flat EMAs ``Ī``, ``Ū`` and the per-call workspace ``I`` hold the
+    local slices (plus one slot, below),
     the triplet scores come from :func:`sharded_triplet_scores`' reduction (one all-reduce of
     ``Σ r`` floats per mesh dimension, at allocation steps only), and E is masked on its local
     rows. The spec skips a step's update when any ``p · g`` is non-finite: each step the local
@@ -325,8 +325,6 @@ class ShardedBucket:
         self.ema_u = torch.zeros(self.numel + 1, **kw) if with_ema else None  # Ū
         self.weights = (0.0, 0.0)
         self.weights_on = torch.zeros(2, **kw)
-        self.workspace: torch.Tensor | None = None
-        self.workspace_views: list[torch.Tensor] = []
         self.mask_members: list[int] = []
         self.mask_pos = np.zeros(0, dtype=np.int64)
         self.e_masked: list[torch.Tensor] = []
@@ -382,12 +380,10 @@ class ShardedBucket:
                 torch.zeros_like(p) if g is None else g.to_local() if isinstance(g, dtensor) else g
                 for p, g in zip(params, raw)
             ]
-            if self.workspace is None:
-                self.workspace = torch.empty(self.numel + 1, device=self.device, dtype=self.dtype)
-                self.workspace_views = list(unflatten(self.workspace[: self.numel], params))
-            self.workspace.zero_()
-            torch._foreach_addcmul_(self.workspace_views, params, grads)
-            sens = self.workspace.abs_()
+            # a workspace for this call only (freed with the caller's reference)
+            work = torch.zeros(self.numel + 1, device=self.device, dtype=self.dtype)
+            torch._foreach_addcmul_(list(unflatten(work[: self.numel], params)), params, grads)
+            sens = work.abs_()
             ok = torch.isfinite(sens[: self.numel]).all().to(self.dtype).reshape(1)
             _all_reduce(ok, self.mesh, torch.distributed.ReduceOp.MIN)
             sens[self.numel :].copy_(torch.where(ok > 0, 0.0, float("nan")))
@@ -432,7 +428,6 @@ class ShardedBucket:
     def to(self, device: torch.device) -> None:
         """Move the state to ``device``."""
         self.device = device
-        self.workspace, self.workspace_views = None, []
         for name in ("ema_s", "ema_u", "weights_on"):
             value = getattr(self, name)
             if value is not None:

@@ -3,10 +3,16 @@
 Both allocators run in one process, on the same BERT-shaped model (transformers'
 ``BertModel``, adapters on query/key/value/dense), with the same adapter weights and the same
 gradients, alternating call by call in the budgeting phase (allocation every ``deltaT`` steps).
-Ours runs twice: with its CPU default (one workspace as large as an EMA) and with a chunked
-workspace (its accelerator default, forced here). At the end the masked E of all must be
-equal, so they did the same work. On the CPU the times are process CPU time by default
-(``--clock``), which leaves out the time other processes hold the cores.
+At the end the masked E of both must be equal, so they did the same work. On the CPU the times
+are process CPU time by default (``--clock``), which leaves out the time other processes hold
+the cores.
+
+Memory, in floats per adapter parameter: the state (ours: the EMAs a checkpoint holds; PEFT:
+``ipt`` and its two EMAs, which its update keeps), what each allocator holds between calls
+(every tensor it references that is not a model parameter), and the most a call allocates on
+top (ours: the workspace for ``|p · g|``, freed at the end of the call, when the activations
+of the step are already gone; CUDA: ``max_memory_allocated``, CPU: the profiler's allocation
+events).
 
     python benchmarks/allocator.py                 # 24 layers, hidden 128, init_r 12
     python benchmarks/allocator.py --layers 12 --hidden 256 --steps 100
@@ -18,10 +24,18 @@ import argparse
 import copy
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from _common import TARGETS, add_model_args, bert_config
+from _common import (
+    TARGETS,
+    add_model_args,
+    bert_config,
+    storage_bytes,
+    tensors_in,
+    transient_peak_bytes,
+)
 from torch import nn
 
 import adalora_torch._allocator as allocator_module
@@ -58,13 +72,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-peft", action="store_true", help="time ours only")
-    parser.add_argument(
-        "--chunk",
-        type=int,
-        default=None,
-        help="entries per workspace chunk of the chunked run (default: the accelerator default "
-        "for this adapter, max(2**16, entries / 16))",
-    )
     parser.add_argument(
         "--clock",
         default="auto",
@@ -115,102 +122,126 @@ def main() -> None:
             if their_lora:
                 their_lora[name].copy_(p)
 
+    # ours twice: with this device's default workspace policy, and with the other one (CPU:
+    # held between calls by default, per call forced; accelerators: the reverse)
+    hold = device.type == "cpu"
     alloc = RankAllocator(ours, target_r=args.target_r, **schedule)
-    # the same allocator with a chunked workspace (the accelerator default; here forced)
-    ours_chunked = copy.deepcopy(ours)
-    chunked_lora = lora_params(ours_chunked)
-    if args.chunk is None:
-        args.chunk = max(1 << 16, -(-sum(p.numel() for p in our_lora.values()) // 16))
-    allocator_module._CHUNK_FLOATS = args.chunk
-    alloc_chunked = RankAllocator(ours_chunked, target_r=args.target_r, **schedule)
-    allocator_module._CHUNK_FLOATS = None
+    ours_other = copy.deepcopy(ours)
+    other_lora = lora_params(ours_other)
+    allocator_module._HOLD_WORKSPACE = not hold
+    alloc_other = RankAllocator(ours_other, target_r=args.target_r, **schedule)
+    allocator_module._HOLD_WORKSPACE = None
+    labels = {True: "held", False: "per call"}
     now = time.process_time if args.clock == "cpu" else time.perf_counter
 
     def set_grads(step: int) -> None:
         grads = grad_sets[step % len(grad_sets)]
         for name, p in our_lora.items():
-            p.grad = chunked_lora[name].grad = grads[name]
+            p.grad = other_lora[name].grad = grads[name]
             if their_lora:
                 their_lora[name].grad = grads[name]
 
-    who_all = ["ours", "chunked", "peft"]
-    timed: dict[str, dict[bool, list[float]]] = {k: {True: [], False: []} for k in who_all}
+    calls: dict[str, Callable[[int], Any]] = {
+        "ours": alloc.update_and_allocate,
+        "other": alloc_other.update_and_allocate,
+    }
+    if theirs is not None:
+        calls["peft"] = theirs.base_model.update_and_allocate
+    order = list(calls)
+    timed: dict[str, dict[bool, list[float]]] = {k: {True: [], False: []} for k in order}
     for step in range(1, args.warmup + args.steps + 1):
         set_grads(step)
-        calls = [
-            ("ours", lambda s=step: alloc.update_and_allocate(s)),
-            ("chunked", lambda s=step: alloc_chunked.update_and_allocate(s)),
-        ]
-        if theirs is not None:
-            calls.append(("peft", lambda s=step: theirs.base_model.update_and_allocate(s)))
-        k = step % len(calls)
-        for who, call in calls[k:] + calls[:k]:  # rotate who goes first
+        k = step % len(order)
+        for who in order[k:] + order[:k]:  # rotate who goes first
             sync()
             t0 = now()
-            call()
+            calls[who](step)
             sync()
             if step > args.warmup:
                 timed[who][step % args.deltaT == 0].append(now() - t0)
+    same = theirs is None or all(
+        torch.equal(p, their_lora[n]) and torch.equal(p, other_lora[n])
+        for n, p in our_lora.items()
+        if ".lora_E." in n
+    )
 
     n_adapter = sum(p.numel() for p in our_lora.values())
-
-    def floats(allocator: RankAllocator) -> tuple[float, float]:
-        # per adapter parameter: the EMAs (the state), and everything held (+ the workspace)
-        state = sum(
-            t.numel()
-            for k in ("ema_sensitivity", "ema_uncertainty")
-            for t in allocator.state_dict()[k].values()
-        )
-        held = sum(
-            t.numel()
-            for b in allocator._buckets
-            for t in (b.ema_s, b.ema_u, b.workspace)
-            if t is not None
-        )
-        return state / n_adapter, held / n_adapter
-
     print(
         f"BERT-shaped: {args.layers} layers, hidden {args.hidden}, intermediate "
         f"{args.intermediate}; {len(names)} adapted matrices, init_r {args.rank}, "
         f"{n_adapter:,} adapter parameters; device {device}, {args.threads} CPU thread(s), "
         f"{'process CPU' if args.clock == 'cpu' else 'wall'} time; {args.steps} timed steps, "
-        f"allocation every {args.deltaT}; chunked: {args.chunk} floats per chunk"
+        f"allocation every {args.deltaT}. ours: workspace {labels[hold]} (the {device.type} "
+        f"default); other: workspace {labels[not hold]}"
     )
-    rows = [("all steps", None), ("allocation steps", True), ("other steps", False)]
     header = (
-        f"{'median ms / call':<22}{'ours':>9}{'chunked':>9}{'peft':>9}"
-        f"{'peft / ours':>13}{'peft / chunked':>16}"
+        f"{'median ms / call':<22}{'ours':>9}{'other':>9}{'peft':>9}"
+        f"{'peft / ours':>13}{'peft / other':>14}"
     )
     print(header)
     print("-" * len(header))
-    for label, kind in rows:
-        vals = {
+    for label, kind in [("all steps", None), ("allocation steps", True), ("other steps", False)]:
+        v = {
             who: median_ms(t[True] + t[False] if kind is None else t[kind])
             for who, t in timed.items()
         }
-        ratios = [vals["peft"] / vals[w] if theirs is not None else float("nan") for w in who_all]
+        peft_ms = v.get("peft", float("nan"))
         print(
-            f"{label:<22}{vals['ours']:>9.3f}{vals['chunked']:>9.3f}{vals['peft']:>9.3f}"
-            f"{ratios[0]:>12.1f}x{ratios[1]:>15.1f}x"
+            f"{label:<22}{v['ours']:>9.3f}{v['other']:>9.3f}{peft_ms:>9.3f}"
+            f"{peft_ms / v['ours']:>12.1f}x{peft_ms / v['other']:>13.1f}x"
         )
-    (state, held), (_, held_chunked) = floats(alloc), floats(alloc_chunked)
+
+    # memory, floats per adapter parameter: the state (ours: the EMAs; PEFT: ipt and its two
+    # EMAs, which its update keeps), all that is held between calls, and the most that one
+    # call allocates on top (measured: CUDA max_memory_allocated, CPU profiler events)
+    step = args.warmup + args.steps
+
+    def next_call(update: Callable[[int], Any]) -> Callable[[], Any]:
+        def call() -> Any:
+            nonlocal step
+            step += 1
+            set_grads(step)
+            return update(step)
+
+        return call
+
+    def memory(allocator: Any, model: nn.Module, update: Callable[[int], Any]) -> list[float]:
+        peak = transient_peak_bytes(next_call(update), device) / 4 / n_adapter
+        return [held_floats(allocator, model), peak]
+
+    state = sum(
+        t.numel()
+        for k in ("ema_sensitivity", "ema_uncertainty")
+        for t in alloc.state_dict()[k].values()
+    )
+    cols = [
+        [state / n_adapter, *memory(alloc, ours, alloc.update_and_allocate)],
+        [state / n_adapter, *memory(alloc_other, ours_other, alloc_other.update_and_allocate)],
+    ]
     if theirs is not None:
         ra = theirs.base_model.rankallocator
-        their_state = (
-            sum(t.numel() for d in (ra.ipt, ra.exp_avg_ipt, ra.exp_avg_unc) for t in d.values())
-            / n_adapter
-        )
-        print(f"{'state floats/param':<22}{state:>9.2f}{state:>9.2f}{their_state:>9.2f}")
-        print(f"{'held floats/param':<22}{held:>9.2f}{held_chunked:>9.2f}{their_state:>9.2f}")
-        same = all(
-            torch.equal(p, their_lora[n]) and torch.equal(p, chunked_lora[n])
-            for n, p in our_lora.items()
-            if ".lora_E." in n
-        )
-        print(f"masked E identical after the run (all three): {same}")
-    else:
-        print(f"{'state floats/param':<22}{state:>9.2f}{state:>9.2f}")
-        print(f"{'held floats/param':<22}{held:>9.2f}{held_chunked:>9.2f}")
+        dicts = (ra.ipt, ra.exp_avg_ipt, ra.exp_avg_unc)
+        their_state = sum(t.numel() for d in dicts for t in d.values()) / n_adapter
+        cols.append([their_state, *memory(ra, theirs, theirs.base_model.update_and_allocate)])
+    print(
+        f"{'floats / adapter param':<22}{'ours':>9}{'other':>9}"
+        + ("" if theirs is None else f"{'peft':>9}")
+    )
+    for i, label in enumerate(["state", "held between calls", "peak extra in a call"]):
+        print(f"{label:<22}" + "".join(f"{c[i]:>9.2f}" for c in cols))
+    if theirs is not None:
+        print(f"masked E identical after the timed run (all three): {same}")
+
+
+def held_floats(allocator: object, model: nn.Module) -> float:
+    """Floats per adapter parameter in the tensors ``allocator`` holds that are not the
+    model's parameters (views of one buffer count once)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    own = [
+        t for t in tensors_in(allocator, depth=4) if t.untyped_storage().data_ptr() not in params
+    ]
+    n = sum(p.numel() for p in lora_params(model).values())
+    return storage_bytes(own) / 4 / n
 
 
 if __name__ == "__main__":

@@ -276,8 +276,12 @@ def summary(runs: list[Run]) -> list[str]:
             f"{rs[-1].adapter_params:>16,}   {per_seed}"
         )
     for task in dict.fromkeys(r.task for r in runs):  # seed by seed: the same split and batches
-        acc = {(r.method, r.seed): r.accuracy for r in runs if r.task == task}
-        diffs = [acc["AdaLoRA", s] - acc["LoRA", s] for m, s in acc if m == "AdaLoRA"]
+        by_seed = {(r.method, r.seed): r.accuracy for r in runs if r.task == task}
+        diffs = [
+            by_seed["AdaLoRA", seed] - by_seed["LoRA", seed]
+            for method, seed in by_seed
+            if method == "AdaLoRA"
+        ]
         sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
         lines.append(
             f"{task}: AdaLoRA - LoRA accuracy, paired by seed: {statistics.mean(diffs):+.4f} ± "

@@ -80,7 +80,8 @@ def build_base(args: argparse.Namespace, device: torch.device) -> nn.Module:
     from transformers import BertForSequenceClassification
 
     torch.manual_seed(0)
-    return BertForSequenceClassification(bert_config(args, num_labels=2)).to(device)
+    model: nn.Module = BertForSequenceClassification(bert_config(args, num_labels=2))
+    return model.to(device)
 
 
 def adapter_params(model: nn.Module) -> list[torch.Tensor]:
@@ -290,9 +291,10 @@ def main() -> None:
     )
     print("\n".join(table(train, reference, title, f"LoRA r={args.rank}")))
 
-    # allocator memory, floats per adapter parameter: everything it holds (ours holds
-    # references to the parameters, not counted), with this device's default workspace and
-    # with the accelerator default (chunks of max(2**16, n / 16)) forced on a copy
+    # allocator memory between steps, floats per adapter parameter: everything it holds (ours
+    # holds references to the parameters, not counted), with this device's default workspace
+    # policy and with the other one forced on a copy (CPU: held by default; accelerators: per
+    # call, freed at the end of update_and_allocate)
     def allocator_floats(model: Any) -> float:
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         held = tensors_in(model.base_model.rankallocator, depth=4)
@@ -300,21 +302,23 @@ def main() -> None:
         return storage_bytes(own) / 4 / n_adapter
 
     ours_state = allocator_floats(our_ada)
-    chunked = copy.deepcopy(our_ada)
-    allocator_module._CHUNK_FLOATS = max(1 << 16, -(-n_adapter // 16))
-    chunked.base_model.rankallocator._rebuild(ema=None)  # its buckets, with chunks now
-    allocator_module._CHUNK_FLOATS = None
-    training("", chunked, batch, chunked.base_model.update_and_allocate, first_step=total // 2)[
+    other = copy.deepcopy(our_ada)
+    hold = device.type == "cpu"
+    allocator_module._HOLD_WORKSPACE = not hold
+    other.base_model.rankallocator._rebuild(ema=None)  # its buckets, with the other policy
+    allocator_module._HOLD_WORKSPACE = None
+    training("", other, batch, other.base_model.update_and_allocate, first_step=total // 2)[
         0
     ].step()
     ra = their_ada.base_model.rankallocator
     theirs_state = sum(
         t.numel() for d in (ra.ipt, ra.exp_avg_ipt, ra.exp_avg_unc) for t in d.values()
     )
+    policy = {True: "workspace held", False: "workspace per call"}
     print(
-        f"allocator memory, floats per adapter parameter (EMAs, workspace, all it holds): ours "
-        f"{ours_state:.2f} ({device.type} default), {allocator_floats(chunked):.2f} (chunked "
-        f"workspace, the accelerator default); PEFT {theirs_state / n_adapter:.2f}"
+        f"allocator memory between steps, floats per adapter parameter (EMAs, workspace, all "
+        f"it holds): ours {ours_state:.2f} ({policy[hold]}, the {device.type} default), "
+        f"{allocator_floats(other):.2f} ({policy[not hold]}); PEFT {theirs_state / n_adapter:.2f}"
     )
 
     # inference: the trained adapters, unmerged and merged (on copies)

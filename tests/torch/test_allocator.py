@@ -336,7 +336,7 @@ def test_final_phase_reapplies_masks_and_drops_state(
     assert sum(map(sum, patterns[-1].values())) == alloc.target_budget == 4
     sd = alloc.state_dict()
     assert sd["finalized"] and sd["ema_sensitivity"] == {} and sd["ema_uncertainty"] == {}
-    assert all(b.ema_s is None and b.ema_u is None and b.workspace is None for b in alloc._buckets)
+    assert all(b.ema_s is None and b.ema_u is None for b in alloc._buckets)
     keep = torch.from_numpy(keep_of(model))
     for step in range(8, 12):
         step_model(model, rng)  # the optimizer moves masked E away from 0
@@ -730,39 +730,125 @@ def test_state_follows_the_adapters(make_stack: Callable[..., nn.ModuleDict]) ->
             assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
 
 
+@pytest.mark.parametrize("hold", [True, False], ids=["held", "per_call"])
 @pytest.mark.parametrize("sync_free", [False, True], ids=["host_flag", "sync_free"])
-@pytest.mark.parametrize("chunk", [1, 7, 40])
-def test_chunked_workspace_equals_one_workspace(
+@pytest.mark.parametrize("stage", [1, 7, 40])
+def test_stacking_runs_give_the_same_state_bit_for_bit(
     make_stack: Callable[..., nn.ModuleDict],
     monkeypatch: pytest.MonkeyPatch,
-    chunk: int,
+    stage: int,
     sync_free: bool,
+    hold: bool,
 ) -> None:
-    """A workspace of ``chunk`` entries (``I`` computed chunk by chunk, the accelerator
-    default) gives the same EMAs, masks and skipped steps, bit for bit, as one workspace as
-    large as the EMAs (the CPU default), a non-finite step included; the workspace is the
-    largest chunk."""
-    layout = [(5, 4, 4), (3, 4, 4), (5, 4, 4), (6, 2, 3)]
+    """However the equal-shape matrices are grouped into stacked runs (``stage`` entries at
+    most; a larger matrix is multiplied on its own), and whether the workspace is held between
+    calls (the CPU default) or allocated per call (the accelerator default), the EMAs, masks
+    and skipped steps are the same bit for bit, a non-finite step included. Between calls a
+    bucket holds its two EMAs, plus the workspace and staging buffer when it holds them."""
+    layout = [(5, 4, 4), (3, 4, 4), (5, 4, 4), (6, 2, 3), (6, 2, 3), (6, 2, 3)]
     kw = dict(target_r=2, tinit=1, tfinal=2, total_step=10, deltaT=2)
     models = [make_stack(layout, dtype=torch.float32) for _ in range(2)]
-    whole = RankAllocator(models[0], **kw)
-    monkeypatch.setattr("adalora_torch._allocator._CHUNK_FLOATS", chunk)
-    chunked = RankAllocator(models[1], **kw)
-    for alloc in (whole, chunked):
+    default = RankAllocator(models[0], **kw)
+    monkeypatch.setattr("adalora_torch._allocator._STAGE_FLOATS", stage)
+    monkeypatch.setattr("adalora_torch._allocator._HOLD_WORKSPACE", hold)
+    staged = RankAllocator(models[1], **kw)
+    for alloc in (default, staged):
         alloc._sync_free = sync_free
+    bucket = staged._buckets[0]
+    runs = bucket.runs
+    assert [r[0] for r in runs] == [0, *[r[1] for r in runs[:-1]]]  # consecutive, in order
+    assert runs[-1][1] == len(bucket.params) and sum(r[3] for r in runs) == bucket.numel
+    for first, end, _, n, shape in runs:
+        assert len({tuple(p.shape) for p in bucket.params[first:end]}) == 1
+        assert end - first == 1 or n <= stage
+        assert int(np.prod(shape)) == n
+    assert len(runs) > len(default._buckets[0].runs)
     for step in range(10):
         for model in models:
             step_model(model, np.random.default_rng(step))
-            if step == 4:  # a non-finite gradient in the last chunk: the step is skipped
-                model["m3"].lora_B["default"].grad.view(-1)[-1] = float("nan")
-        results = [alloc.update_and_allocate(step) for alloc in (whole, chunked)]
+            if step == 4:  # a non-finite gradient in the last matrix: the step is skipped
+                model["m5"].lora_B["default"].grad.view(-1)[-1] = float("nan")
+        results = [alloc.update_and_allocate(step) for alloc in (default, staged)]
         assert results[0] == results[1]
-        a, b = (alloc.state_dict() for alloc in (whole, chunked))
+        a, b = (alloc.state_dict() for alloc in (default, staged))
         assert a["keep"] == b["keep"] and a["skipped_steps"] == b["skipped_steps"]
         for key in ("ema_sensitivity", "ema_uncertainty"):
             assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
-    assert chunked.skipped_steps == 1
-    bucket = chunked._buckets[0]
-    assert bucket.workspace is None  # freed at the final allocation
-    assert len(bucket.chunks) > 1
-    assert max(n for *_, n in bucket.chunks) <= max(chunk, 4 * 6)  # a larger tensor: its own
+        if not staged.finalized:  # held between calls: Ī, Ū, small bookkeeping (+ workspace)
+            held = [
+                t
+                for t in vars(bucket).values()
+                if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter)
+            ]
+            held += list(bucket.held or ())
+            assert (bucket.held is not None) == hold
+            extra = bucket.numel + bucket.stage if hold else 0
+            distinct = {t.untyped_storage().data_ptr(): t.numel() for t in held}
+            assert sum(distinct.values()) <= 2 * bucket.numel + 2 + extra
+    assert staged.skipped_steps == 1
+    assert bucket.held is None  # freed with the EMAs at the final allocation
+
+
+def test_half_precision_products_in_the_ema_dtype(
+    make_stack: Callable[..., nn.ModuleDict],
+) -> None:
+    """fp16 adapters: ``|p · g|`` is computed in fp32 (the EMA dtype), where the fp16 product
+    would overflow: the step counts, with the fp32 value."""
+    model = make_stack([(4, 3, 5), (4, 3, 5)], dtype=torch.float16)
+    alloc = RankAllocator(model, target_r=2, total_step=100, beta1=0.5, beta2=0.5)
+    a = model["m0"].lora_A["default"]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        a.fill_(300.0)
+        a.grad.fill_(300.0)  # 300 · 300 = 90000 > fp16's 65504
+    alloc.update_and_allocate(0)
+    assert alloc.skipped_steps == 0
+    ema = alloc.state_dict()["ema_sensitivity"]["m0.lora_A"]
+    assert ema.dtype == torch.float32
+    assert torch.equal(ema, torch.full_like(ema, 0.5 * 90000.0))
+
+
+def test_a_kernel_failing_after_a_partial_move_rebuilds_then_retries(
+    make_stack: Callable[..., nn.ModuleDict],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each step checks the device of one E per bucket; when a kernel fails because other
+    parameters moved (here: one A reports another device), every parameter is checked, the
+    buckets are rebuilt and the step runs again, with the same result as an undisturbed run.
+    A failure with nothing moved is raised as it is."""
+    from types import SimpleNamespace
+
+    from adalora_torch._allocator import _Bucket
+
+    models = [make_stack([(4, 4, 4), (4, 6, 4)], dtype=torch.float32) for _ in range(2)]
+    kw = dict(target_r=2, tinit=1, tfinal=2, total_step=10)
+    allocs = [RankAllocator(m, **kw) for m in models]
+    real = _Bucket.sensitivity
+    fail: dict[str, Any] = {"left": 0, "bucket": None}
+
+    def flaky(self: _Bucket) -> Any:
+        if fail["left"] and self is fail["bucket"]:
+            fail["left"] -= 1
+            raise RuntimeError("Expected all tensors to be on the same device")
+        return real(self)
+
+    monkeypatch.setattr(_Bucket, "sensitivity", flaky)
+    for step in range(10):
+        for model in models:
+            step_model(model, np.random.default_rng(step))
+        if step == 3:  # the disturbed allocator: a moved parameter only a full check sees
+            bucket = allocs[1]._buckets[0]
+            fail.update(left=1, bucket=bucket)
+            bucket.params = [*bucket.params, SimpleNamespace(device=torch.device("meta"))]
+        results = [alloc.update_and_allocate(step) for alloc in allocs]
+        assert results[0] == results[1]
+        if step == 3:
+            assert allocs[1]._buckets[0] is not bucket  # rebuilt from the layers
+    a, b = (alloc.state_dict() for alloc in allocs)
+    assert a["keep"] == b["keep"] and a["rank_pattern"] == b["rank_pattern"]
+
+    fresh = RankAllocator(make_stack([(4, 4, 4)], dtype=torch.float32), **kw)
+    fail.update(left=1, bucket=fresh._buckets[0])
+    with pytest.raises(RuntimeError, match="same device"):
+        fresh.update_and_allocate(0)
