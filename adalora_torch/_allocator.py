@@ -6,7 +6,7 @@ on the adapters' device with a fixed number of kernel launches per step, however
 
 Memory, per device: two flat buffers ``Ī`` and ``Ū``, one float per adapter entry each (the
 state, checkpointed), and a workspace for ``I = |p · g|`` as large as one of them, plus a
-staging buffer of at most ``2**16`` entries for gradients. On an accelerator the workspace is
+staging buffer of at most ``2**18`` entries for gradients. On an accelerator the workspace is
 allocated at the start of a call and freed at its end: the call runs after the backward pass,
 when the activations are gone, and the caching allocator hands the same block to the next
 forward pass, so it adds nothing to the training step's peak and the allocator holds two
@@ -38,7 +38,7 @@ import operator
 import warnings
 from collections.abc import Callable, Mapping
 from itertools import repeat
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -54,7 +54,7 @@ __all__ = ["RankAllocator"]
 _FORMAT = "adalora_torch.RankAllocator/1"
 # Entries of a run of equal-shape parameters stacked at once: the gradients of a run are staged
 # in a buffer of at most this many entries during a call (a single larger matrix needs none).
-_STAGE_FLOATS = 1 << 16
+_STAGE_FLOATS = 1 << 18
 # Keep the workspace (and the staging buffer) from one call to the next? None: on the CPU, where
 # allocating it afresh costs page faults every call (glibc returns large blocks to the system),
 # and not on accelerators, where the caching allocator hands back the same block for free.
@@ -86,6 +86,9 @@ _device = operator.attrgetter("device")
 _sensitivity = operator.methodcaller("sensitivity")
 _apply_masks = operator.methodcaller("apply_masks")
 _T = TypeVar("_T")
+# a run of the gradient gather: params (a list to stack, or one tensor), first, end, workspace
+# view, staging view (None for one matrix)
+_Run = tuple[Any, int, int, torch.Tensor, "torch.Tensor | None"]
 
 
 def _keep_dict(layer: Any) -> dict[str, torch.Tensor]:
@@ -188,7 +191,7 @@ class _Bucket:
         self.stage = max((n for i, j, _, n, _ in self.runs if j - i > 1), default=0)
         # the workspace and staging buffer, when held between calls (see _HOLD_WORKSPACE)
         self.hold = device.type == "cpu" if _HOLD_WORKSPACE is None else _HOLD_WORKSPACE
-        self.held: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.held: tuple[torch.Tensor, torch.Tensor, list[_Run]] | None = None
         # E parameters still at full rank, and their keep-masks as 0/1 factors of shape (r, 1)
         self.e_all = [t[1] for t in triplets]
         self.mask_members: list[int] = []
@@ -213,38 +216,58 @@ class _Bucket:
         for dst, src in zip(new, tensors):
             dst.copy_(src.reshape(dst.shape))
 
-    def _grads(self) -> tuple[list[torch.Tensor], list[int]]:
-        # the gradients in params order, zeros for missing ones, and the members missing one
-        raw = list(map(_grad, self.params))
-        if all(map(operator.is_not, raw, repeat(None))):
-            return cast(list[torch.Tensor], raw), []
-        missing = sorted({m for m, g in zip(self.param_member, raw) if g is None})
-        return [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, raw)], missing
+    def _plan(self, work: torch.Tensor, stage: torch.Tensor) -> list[_Run]:
+        """Per run: its parameters (a list to stack, or the one tensor), its first and end
+        index, the workspace view it fills and the staging view for its gradients (None for a
+        single matrix, multiplied in place)."""
+        plan: list[_Run] = []
+        for i, j, offset, n, shape in self.runs:
+            out = work[offset : offset + n].view(shape)
+            if j - i > 1:
+                plan.append((self.params[i:j], i, j, out, stage[:n].view(shape)))
+            else:
+                plan.append((self.params[i], i, j, out, None))
+        return plan
+
+    def _gather(self, plan: list[_Run], grads: list[Any]) -> None:
+        # p · g of every run into the workspace, in the EMA dtype
+        for p, i, j, out, staged in plan:
+            if staged is not None:  # p and g of equal-shape matrices, stacked
+                torch.stack(p, out=out)
+                torch.stack(grads[i:j], out=staged)
+                out.mul_(staged)
+            elif p.dtype == grads[i].dtype == self.dtype:
+                torch.mul(p, grads[i], out=out)
+            else:  # products in the EMA dtype, not in a half-precision one
+                out.copy_(p).mul_(grads[i])
 
     def sensitivity(self) -> tuple[torch.Tensor, list[int]]:
-        """``I = |p · g|`` of every entry, flat (a new workspace, in the EMA dtype), and the
-        members without a gradient (their ``I`` is 0, which is what a zero gradient gives)."""
-        grads, missing = self._grads()
-        params, device, dtype = self.params, self.device, self.dtype
+        """``I = |p · g|`` of every entry, flat (a new workspace, in the EMA dtype, unless the
+        bucket holds one), and the members without a gradient (their ``I`` is 0, which is
+        what a zero gradient gives)."""
         if self.held is not None:
-            work, stage = self.held
+            work, _, plan = self.held
         else:
-            work = torch.empty(self.numel, device=device, dtype=dtype)
-            stage = torch.empty(self.stage, device=device, dtype=dtype) if self.stage else work
+            work = torch.empty(self.numel, device=self.device, dtype=self.dtype)
+            stage = work
+            if self.stage:
+                stage = torch.empty(self.stage, device=self.device, dtype=self.dtype)
+            plan = self._plan(work, stage)
             if self.hold:  # freed with the EMAs at the final allocation
-                self.held = work, stage
+                self.held = work, stage, plan
+        grads = list(map(_grad, self.params))
+        missing: list[int] = []
         with torch.no_grad():
-            for i, j, offset, n, shape in self.runs:
-                out = work[offset : offset + n].view(shape)
-                if j - i > 1:  # p and g of equal-shape matrices, stacked
-                    staged = stage[:n].view(shape)
-                    torch.stack(params[i:j], out=out)
-                    torch.stack(grads[i:j], out=staged)
-                    out.mul_(staged)
-                elif params[i].dtype == grads[i].dtype == self.dtype:
-                    torch.mul(params[i], grads[i], out=out)
-                else:  # products in the EMA dtype, not in a half-precision one
-                    out.copy_(params[i]).mul_(grads[i])
+            try:
+                self._gather(plan, grads)
+            except (TypeError, AttributeError):  # a gradient is None: it counts as zeros
+                if all(map(operator.is_not, grads, repeat(None))):
+                    raise
+                missing = sorted({m for m, g in zip(self.param_member, grads) if g is None})
+                grads = [
+                    torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)
+                ]
+                self._gather(plan, grads)
             work.abs_()
         return work, missing
 

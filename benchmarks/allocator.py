@@ -180,12 +180,14 @@ def main() -> None:
     )
     print(header)
     print("-" * len(header))
+    ratios: dict[str, float] = {}
     for label, kind in [("all steps", None), ("allocation steps", True), ("other steps", False)]:
         v = {
             who: median_ms(t[True] + t[False] if kind is None else t[kind])
             for who, t in timed.items()
         }
         peft_ms = v.get("peft", float("nan"))
+        ratios[label] = peft_ms / v["ours"]
         print(
             f"{label:<22}{v['ours']:>9.3f}{v['other']:>9.3f}{peft_ms:>9.3f}"
             f"{peft_ms / v['ours']:>12.1f}x{peft_ms / v['other']:>13.1f}x"
@@ -231,6 +233,11 @@ def main() -> None:
         print(f"{label:<22}" + "".join(f"{c[i]:>9.2f}" for c in cols))
     if theirs is not None:
         print(f"masked E identical after the timed run (all three): {same}")
+        print(
+            f"goal: ours >= 10x PEFT (median, all steps): {ratios['all steps']:.1f}x "
+            f"{'met' if ratios['all steps'] >= 10 else 'MISSED'}; state <= 2 floats / adapter "
+            f"param: {cols[0][0]:.2f} {'met' if cols[0][0] <= 2 else 'MISSED'}"
+        )
 
 
 def held_floats(allocator: object, model: nn.Module) -> float:

@@ -780,7 +780,7 @@ def test_stacking_runs_give_the_same_state_bit_for_bit(
                 for t in vars(bucket).values()
                 if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter)
             ]
-            held += list(bucket.held or ())
+            held += list(bucket.held[:2] if bucket.held else ())
             assert (bucket.held is not None) == hold
             extra = bucket.numel + bucket.stage if hold else 0
             distinct = {t.untyped_storage().data_ptr(): t.numel() for t in held}
