@@ -47,7 +47,7 @@ from torch import nn
 from adalora_core import allocate, budget_schedule, validate_betas, validate_schedule
 
 from ._distributed import ShardedBucket, check_masks_agree, is_sharded, unwrap_model
-from ._protocol import SVDAdapter
+from ._protocol import ParameterEpoch, SVDAdapter
 
 __all__ = ["RankAllocator"]
 
@@ -86,6 +86,8 @@ _device = operator.attrgetter("device")
 _sensitivity = operator.methodcaller("sensitivity")
 _apply_masks = operator.methodcaller("apply_masks")
 _T = TypeVar("_T")
+# how closely _sync_with_model looks at the layers
+_QUICK, _LAYERS, _DEVICES = 0, 1, 2
 # a run of the gradient gather: params (a list to stack, or one tensor), first, end, workspace
 # view, staging view (None for one matrix)
 _Run = tuple[Any, int, int, torch.Tensor, "torch.Tensor | None"]
@@ -413,6 +415,8 @@ class RankAllocator:
         self._warned: set[str] = set()  # modules already warned about for missing gradients
         self._buckets: list[_Bucket] = []
         self._skipped_dev: torch.Tensor | None = None
+        ParameterEpoch.watch()
+        self._epoch = ParameterEpoch.value
         self._rebuild(ema=None)
 
     # -- configuration ------------------------------------------------------------------------
@@ -496,13 +500,27 @@ class RankAllocator:
                 "update_and_allocate once per optimizer step with an increasing step (to "
                 "resume, load_state_dict the saved allocator state instead of replaying steps)."
             )
-        self._sync_with_model()
         final = self._total_step - self.tfinal
         # 3) final phase: keep the recorded pattern
         if self._finalized:
+            self._sync_with_model(_LAYERS)
             self._on_buckets(_apply_masks)
             self._step, self._budget = step, self.target_budget
             return self.target_budget, None
+        if step >= final:
+            budget, mask_now = self.target_budget, True
+        else:
+            budget, mask_now = budget_schedule(
+                step,
+                init_budget=self.init_budget,
+                target_budget=self.target_budget,
+                tinit=self.tinit,
+                tfinal=self.tfinal,
+                total_step=self._total_step,
+                deltaT=self.deltaT,
+            )
+        # every layer is looked at when the step allocates; other steps check a counter
+        self._sync_with_model(_LAYERS if mask_now else _QUICK)
         # 1) importance, only before the final allocation
         if step < final:
             self._update_importance()
@@ -514,21 +532,16 @@ class RankAllocator:
             self._finalized = True
             self._step, self._budget = step, self.target_budget
             return self.target_budget, pattern
-        budget, mask_now = budget_schedule(
-            step,
-            init_budget=self.init_budget,
-            target_budget=self.target_budget,
-            tinit=self.tinit,
-            tfinal=self.tfinal,
-            total_step=self._total_step,
-            deltaT=self.deltaT,
-        )
         self._step, self._budget = step, budget
         return budget, (self._allocate(budget, step) if mask_now else None)
 
     def _update_importance(self) -> None:
         work = []
-        for sens, missing in self._on_buckets(_sensitivity):
+        results = self._on_buckets(_sensitivity)
+        # a missing gradient may be a replaced parameter's (a write into ``_parameters``)
+        if any(missing for _, missing in results) and self._sync_with_model(_LAYERS):
+            results = self._on_buckets(_sensitivity)
+        for sens, missing in results:
             work.append(sens)
             new = [self._names[m] for m in missing if self._names[m] not in self._warned]
             if new:
@@ -593,18 +606,25 @@ class RankAllocator:
             bucket.e_factors = list(factors.split(ranks))
 
     # -- following the model ------------------------------------------------------------------
-    def _sync_with_model(self, thorough: bool = False) -> bool:
+    def _sync_with_model(self, level: int) -> bool:
         """Rebuild the buckets when adapter parameters were replaced (``set_rank`` /
-        ``shrink_to_pattern`` make new Parameters) or moved to another device; True if so.
+        ``shrink_to_pattern`` make new Parameters), removed, or moved to another device; True
+        if so.
 
-        Every step checks the identity of every E and the device of each bucket's first E (a
-        move of the whole model); ``thorough`` checks the device of every A, E and B (run when
-        a kernel failed, e.g. because only some layers moved).
+        Every step checks the device of each bucket's first E (a move of the whole model).
+        ``_QUICK`` (budgeting steps) looks at the identity of every E only when
+        ``ParameterEpoch`` moved (a Parameter was registered somewhere); ``_LAYERS``
+        (allocation steps, the final phase, a missing gradient) always does; ``_DEVICES`` (a
+        kernel failed) also checks the device of every A, E and B.
         """
-        current = map(dict.get, self._e_dicts, repeat(self.adapter_name))
-        stale = not all(map(operator.is_, current, self._e_cached))
+        stale = False
+        epoch = ParameterEpoch.value
+        if level >= _LAYERS or epoch != self._epoch:
+            self._epoch = epoch
+            current = map(dict.get, self._e_dicts, repeat(self.adapter_name))
+            stale = not all(map(operator.is_, current, self._e_cached))
         for bucket in self._buckets:
-            tensors = bucket.params if thorough else bucket.e_all[:1]
+            tensors = bucket.params if level >= _DEVICES else bucket.e_all[:1]
             stale = stale or any(map(operator.ne, map(_device, tensors), repeat(bucket.device)))
         if stale:
             self._rebuild(ema=self._export_ema())
@@ -616,7 +636,7 @@ class RankAllocator:
         try:
             return [fn(bucket) for bucket in self._buckets]
         except RuntimeError:
-            if not self._sync_with_model(thorough=True):
+            if not self._sync_with_model(_DEVICES):
                 raise
             return [fn(bucket) for bucket in self._buckets]
 

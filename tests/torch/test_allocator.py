@@ -852,3 +852,59 @@ def test_a_kernel_failing_after_a_partial_move_rebuilds_then_retries(
     fail.update(left=1, bucket=fresh._buckets[0])
     with pytest.raises(RuntimeError, match="same device"):
         fresh.update_and_allocate(0)
+
+
+@pytest.mark.parametrize("how", ["parameter_dict", "load_state_dict_assign", "raw_parameters"])
+def test_replaced_parameters_are_noticed_between_allocations(
+    make_stack: Callable[..., nn.ModuleDict], how: str
+) -> None:
+    """Adapter Parameters replaced by new objects (same values) at a step without allocation:
+    the allocator reads the new ones from that step on, as if nothing happened. Registrations
+    (``ParameterDict`` assignment, ``load_state_dict(assign=True)``) move ``ParameterEpoch``
+    (seen even though the old Parameters keep a gradient); a write straight into
+    ``_parameters`` is seen through the old Parameter's missing gradient (what
+    ``zero_grad()`` leaves, torch's default ``set_to_none=True``)."""
+    layout = [(4, 4, 4), (4, 6, 4)]
+    models = [make_stack(layout, dtype=torch.float32) for _ in range(2)]
+    kw = dict(target_r=2, tinit=1, tfinal=2, total_step=12, deltaT=4)
+    allocs = [RankAllocator(m, **kw) for m in models]
+    for step in range(12):
+        if step == 5:  # not an allocation step (those look at every layer anyway)
+            model = models[1]
+            old = [t for trip in triplets(model) for t in trip]
+            if how == "parameter_dict":
+                for layer in model.values():
+                    for d in (layer.lora_A, layer.lora_E, layer.lora_B):
+                        d["default"] = nn.Parameter(d["default"].detach().clone())
+            elif how == "load_state_dict_assign":
+                sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                model.load_state_dict(sd, assign=True)
+            else:
+                for layer in model.values():
+                    for d in (layer.lora_A, layer.lora_E, layer.lora_B):
+                        d._parameters["default"] = nn.Parameter(d["default"].detach().clone())
+                for t in old:
+                    t.grad = None  # as zero_grad() leaves the old objects
+            assert all(a is not b for a, b in zip(old, [t for p in triplets(model) for t in p]))
+        for model in models:
+            step_model(model, np.random.default_rng(step))
+        results = [alloc.update_and_allocate(step) for alloc in allocs]
+        assert results[0] == results[1]
+        a, b = (alloc.state_dict() for alloc in allocs)
+        for key in ("ema_sensitivity", "ema_uncertainty"):
+            assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), (step, key)
+    assert np.array_equal(keep_of(models[0]), keep_of(models[1]))
+
+
+def test_parameter_epoch_moves_on_registration_and_deletion() -> None:
+    """The counter behind the allocator's cheap per-step check."""
+    from adalora_torch._protocol import ParameterEpoch
+
+    ParameterEpoch.watch()
+    layer = SVDLinear(nn.Linear(3, 3), 2, 4.0)
+    before = ParameterEpoch.value
+    layer.lora_E["default"] = nn.Parameter(torch.zeros(2, 1))
+    assert ParameterEpoch.value > before
+    before = ParameterEpoch.value
+    layer.delete_adapter("default")
+    assert ParameterEpoch.value > before
