@@ -302,6 +302,8 @@ class ShardedBucket:
         self.device = device
         self.members = members
         self.dparams = [t for tr in triplets for t in tr]  # member-major: A, E, B, A, E, B, ...
+        self.params = self.dparams  # every A, E, B, as _Bucket.params (the allocator's checks)
+        self.held = None  # never a workspace between calls (as _Bucket.held)
         self.param_member = [m for m in members for _ in range(3)]
         self.e_all = [tr[1] for tr in triplets]
         local = self._locals()
