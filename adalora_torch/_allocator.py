@@ -295,7 +295,8 @@ class _Bucket:
     def scores(self) -> torch.Tensor:
         """Triplet scores of the bucket's matrices, group order (see ``score_pos``)."""
         assert self.ema_s is not None and self.ema_u is not None
-        s = self.ema_s * self.ema_u  # element scores Ī·Ū
+        out = self.held[0] if self.held is not None else None  # the workspace, when held
+        s = torch.mul(self.ema_s, self.ema_u, out=out)  # element scores Ī·Ū
         parts = [g.scores(s) for g in self.groups]
         return torch.cat(parts) if parts else s.new_zeros(0)
 
@@ -583,14 +584,21 @@ class RankAllocator:
 
     def _allocate(self, budget: int, step: int) -> dict[str, list[bool]]:
         scores = self._triplet_scores()
-        masks = allocate([scores[a:b] for a, b in self._bounds], budget)
-        keep = np.concatenate(masks) if masks else self._keep
+        if np.isnan(scores).any():
+            bad = [n for n, (a, b) in zip(self._names, self._bounds) if np.isnan(scores[a:b]).any()]
+            raise ValueError(
+                f"NaN triplet scores in {bad[:5]}: the importance state is corrupt (was a "
+                "state_dict with NaN EMAs loaded?)."
+            )
+        # all matrices as one array: the same order, so the same tie-break, as one per matrix
+        keep = allocate([scores], budget)[0]
         if self.cross_rank_check:
             check_masks_agree(keep, step=step, budget=budget)
         self._set_keep(keep)
-        self._rank_pattern = {n: m.tolist() for n, m in zip(self._names, masks)}
+        kept = keep.tolist()
+        self._rank_pattern = {n: kept[a:b] for n, (a, b) in zip(self._names, self._bounds)}
         self._on_buckets(_apply_masks)
-        return self.rank_pattern  # type: ignore[return-value]
+        return {n: kept[a:b] for n, (a, b) in zip(self._names, self._bounds)}
 
     def _set_keep(self, keep: np.ndarray) -> None:
         """Record the keep-mask of all matrices; hand it to the layers and the E factors."""
@@ -761,7 +769,8 @@ class RankAllocator:
 
         Raises ``ValueError``, leaving this allocator unchanged, when the state belongs to
         another format, adapter, set of modules, ranks or settings, or when an EMA tensor is
-        missing or misshapen. A ``total_step`` of None here is taken from the state.
+        missing, misshapen, or holds NaN, infinite or negative entries. A ``total_step`` of
+        None here is taken from the state.
         """
         sd = state_dict
         if not isinstance(sd, Mapping) or sd.get("format") != _FORMAT:
@@ -815,6 +824,13 @@ class RankAllocator:
                             raise ValueError(
                                 f"{key}[{name + '.' + kind!r}] should be a tensor of shape "
                                 f"{tuple(p.shape)}, got {got}."
+                            )
+                        local = t.to_local() if hasattr(t, "to_local") else t  # DTensor
+                        if not bool((torch.isfinite(local) & (local >= 0)).all()):
+                            raise ValueError(
+                                f"{key}[{name + '.' + kind!r}] has NaN, infinite or negative "
+                                "entries, which an allocator never saves: the state is corrupt; "
+                                "resume from another checkpoint."
                             )
                         tensors.append(t)
                 ema[name] = tuple(tensors)

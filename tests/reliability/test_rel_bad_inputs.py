@@ -509,6 +509,20 @@ def _state_json(env: Env) -> Callable[[], object]:
     return lambda: model.load_allocator_state(path)
 
 
+@case("allocator-state-nan-ema")
+def _state_nan_ema(env: Env) -> Callable[[], object]:
+    path = _allocator_state(env, "ckpt")
+    file = path / "adalora_allocator.safetensors"
+    with safe_open(str(file), framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    key = next(k for k in tensors if "ema_uncertainty" in k)
+    tensors[key].view(-1)[0] = float("nan")
+    save_file(tensors, str(file), metadata=metadata)
+    model = env.model()
+    return lambda: model.load_allocator_state(path)
+
+
 @case("allocator-state-other-modules")
 def _state_other_modules(env: Env) -> Callable[[], object]:
     path = _allocator_state(env, "ckpt", target_modules=["query"])
