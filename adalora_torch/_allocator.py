@@ -188,6 +188,7 @@ class _Bucket:
         # EMA weights (1-β1, 1-β2), as floats and on the device (set by the allocator)
         self.weights = (0.0, 0.0)
         self.weights_on = torch.zeros(2, **kw)
+        self.none_seen: list[int] = []  # params whose gradient was None at the last update
         # runs of equal-shape params, stacked at once into the (per-call) workspace
         self.runs = _runs(self.params, _STAGE_FLOATS)
         self.stage = max((n for i, j, _, n, _ in self.runs if j - i > 1), default=0)
@@ -240,8 +241,9 @@ class _Bucket:
                 out.mul_(staged)
             elif p.dtype == grads[i].dtype == self.dtype:
                 torch.mul(p, grads[i], out=out)
-            else:  # products in the EMA dtype, not in a half-precision one
-                out.copy_(p).mul_(grads[i])
+            else:  # products of p and g rounded to the EMA dtype, as stacking rounds them
+                g = grads[i]
+                out.copy_(p).mul_(g if g.dtype == self.dtype else g.to(self.dtype))
 
     def sensitivity(self) -> tuple[torch.Tensor, list[int]]:
         """``I = |p · g|`` of every entry, flat (a new workspace, in the EMA dtype, unless the
@@ -258,20 +260,23 @@ class _Bucket:
             if self.hold:  # freed with the EMAs at the final allocation
                 self.held = work, stage, plan
         grads = list(map(_grad, self.params))
-        missing: list[int] = []
+        none = [i for i in self.none_seen if grads[i] is None]  # missing at the last step too
+        for i in none:
+            grads[i] = torch.zeros_like(self.params[i])
         with torch.no_grad():
             try:
                 self._gather(plan, grads)
-            except (TypeError, AttributeError):  # a gradient is None: it counts as zeros
-                if all(map(operator.is_not, grads, repeat(None))):
+            except (TypeError, AttributeError):  # another gradient is None: zeros too
+                more = [i for i, g in enumerate(grads) if g is None]
+                if not more:
                     raise
-                missing = sorted({m for m, g in zip(self.param_member, grads) if g is None})
-                grads = [
-                    torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)
-                ]
+                for i in more:
+                    grads[i] = torch.zeros_like(self.params[i])
+                none = sorted(none + more)
                 self._gather(plan, grads)
             work.abs_()
-        return work, missing
+        self.none_seen = none
+        return work, sorted({self.param_member[i] for i in none})
 
     def update(self, work: torch.Tensor, finite: torch.Tensor | None) -> None:
         """Fold ``I`` (``sensitivity()``'s workspace, overwritten) into the EMAs. ``finite``
@@ -418,6 +423,8 @@ class RankAllocator:
         self._skipped_dev: torch.Tensor | None = None
         ParameterEpoch.watch()
         self._epoch = ParameterEpoch.value
+        self._sharded = False  # any FSDP2 (DTensor) bucket: no retries (collectives)
+        self._missing: list[list[int]] = []  # members without a gradient, per bucket, last step
         self._rebuild(ema=None)
 
     # -- configuration ------------------------------------------------------------------------
@@ -539,9 +546,13 @@ class RankAllocator:
     def _update_importance(self) -> None:
         work = []
         results = self._on_buckets(_sensitivity)
-        # a missing gradient may be a replaced parameter's (a write into ``_parameters``)
-        if any(missing for _, missing in results) and self._sync_with_model(_LAYERS):
+        # a new missing gradient may be a replaced parameter's (a write into ``_parameters``)
+        missing_now = [missing for _, missing in results]
+        changed = missing_now != self._missing and any(missing_now) and not self._sharded
+        if changed and self._sync_with_model(_LAYERS):
             results = self._on_buckets(_sensitivity)
+            missing_now = [missing for _, missing in results]
+        self._missing = missing_now
         for sens, missing in results:
             work.append(sens)
             new = [self._names[m] for m in missing if self._names[m] not in self._warned]
@@ -619,18 +630,21 @@ class RankAllocator:
         ``shrink_to_pattern`` make new Parameters), removed, or moved to another device; True
         if so.
 
-        Every step checks the device of each bucket's first E (a move of the whole model).
-        ``_QUICK`` (budgeting steps) looks at the identity of every E only when
-        ``ParameterEpoch`` moved (a Parameter was registered somewhere); ``_LAYERS``
-        (allocation steps, the final phase, a missing gradient) always does; ``_DEVICES`` (a
-        kernel failed) also checks the device of every A, E and B.
+        Every step checks the identity and device of each bucket's first E (a conversion or
+        move of the whole model). ``_QUICK`` (budgeting steps) looks at the identity of every
+        A, E and B only when ``ParameterEpoch`` moved (a Parameter was registered somewhere);
+        ``_LAYERS`` (allocation steps, the final phase, a new missing gradient) always does;
+        ``_DEVICES`` (a kernel failed) also checks the device of every A, E and B.
         """
-        stale = False
-        epoch = ParameterEpoch.value
+        name, epoch = self.adapter_name, ParameterEpoch.value
         if level >= _LAYERS or epoch != self._epoch:
             self._epoch = epoch
-            current = map(dict.get, self._e_dicts, repeat(self.adapter_name))
-            stale = not all(map(operator.is_, current, self._e_cached))
+            current = map(dict.get, self._dicts, repeat(name))
+            stale = not all(map(operator.is_, current, self._cached))
+        else:  # a conversion (to(), overwrite_module_params_on_conversion) registers nothing
+            stale = any(
+                self._dicts[3 * b.members[0] + 1].get(name) is not b.e_all[0] for b in self._buckets
+            )
         for bucket in self._buckets:
             tensors = bucket.params if level >= _DEVICES else bucket.e_all[:1]
             stale = stale or any(map(operator.ne, map(_device, tensors), repeat(bucket.device)))
@@ -644,7 +658,8 @@ class RankAllocator:
         try:
             return [fn(bucket) for bucket in self._buckets]
         except RuntimeError:
-            if not self._sync_with_model(_DEVICES):
+            # sharded buckets run collectives: a retry on one process alone would hang them
+            if self._sharded or not self._sync_with_model(_DEVICES):
                 raise
             return [fn(bucket) for bucket in self._buckets]
 
@@ -690,7 +705,13 @@ class RankAllocator:
                 )
             triplets.append((a, e, b))
             by_device.setdefault((e.device, is_sharded(e)), []).append(m)
-        self._e_dicts = [layer.lora_E._parameters for layer in self._layers]
+        # for _sync_with_model: each layer's A, E, B dicts and the Parameters read from them
+        self._dicts = [
+            d._parameters
+            for layer in self._layers
+            for d in (layer.lora_A, layer.lora_E, layer.lora_B)
+        ]
+        self._cached = [t for triplet in triplets for t in triplet]
         self._e_cached = [t[1] for t in triplets]
         self._keep_dicts = [_keep_dict(layer) for layer in self._layers]
         offsets = self._offsets.tolist()
@@ -718,6 +739,8 @@ class RankAllocator:
                 for m in bucket.members:
                     bucket.load_ema(m, ema[self._names[m]])
         self._skipped_dev = torch.zeros((), dtype=torch.int64, device=self._buckets[0].device)
+        self._sharded = any(isinstance(b, ShardedBucket) for b in self._buckets)
+        self._missing = []
         self._set_keep(self._keep)
 
     def to(self, device: torch.device | str) -> RankAllocator:

@@ -279,13 +279,24 @@ def test_non_finite_gradient_is_skipped(
     assert alloc.state_dict()["skipped_steps"] == 1
 
 
+@pytest.mark.parametrize("hold", [True, False], ids=["held", "per_call"])
 def test_missing_gradients_warn_once_and_count_as_zero(
-    make_stack: Callable[..., nn.ModuleDict],
+    make_stack: Callable[..., nn.ModuleDict], monkeypatch: pytest.MonkeyPatch, hold: bool
 ) -> None:
-    """A layer without gradient (frozen or unused) warns once by name and has I = 0."""
+    """A layer without gradient (frozen or unused) warns once by name and has I = 0; the
+    layers are looked at in full when the set of missing gradients changes, not every step."""
+    monkeypatch.setattr("adalora_torch._allocator._HOLD_WORKSPACE", hold)
     kw = dict(target_r=2, tinit=0, tfinal=0, total_step=10)
     model = make_stack([(4, 4, 3), (4, 4, 3), (4, 5, 3)])
     alloc, core = RankAllocator(model, **kw), rank_allocator(**kw)
+    levels: list[int] = []
+    sync = alloc._sync_with_model
+
+    def counted(level: int) -> bool:
+        levels.append(level)
+        return sync(level)
+
+    monkeypatch.setattr(alloc, "_sync_with_model", counted)
     state = core.init(as_numpy(triplets(model)))
     rng = np.random.default_rng(1)
     for step in range(4):
@@ -309,6 +320,9 @@ def test_missing_gradients_warn_once_and_count_as_zero(
             torch_ema(sd, names, "ema_sensitivity"), list(state.ema_sensitivity), 1e-9
         )
         np.testing.assert_array_equal(keep_of(model), np.concatenate(state.masks))
+    # step 0: a quick look, then a full one as m1's gradient goes missing; steps 1-3 allocate
+    # (a full look each) and m1 missing again adds none
+    assert levels == [0, 1, 1, 1, 1]
 
 
 def test_before_any_backward(make_stack: Callable[..., nn.ModuleDict]) -> None:
@@ -854,16 +868,20 @@ def test_a_kernel_failing_after_a_partial_move_rebuilds_then_retries(
         fresh.update_and_allocate(0)
 
 
-@pytest.mark.parametrize("how", ["parameter_dict", "load_state_dict_assign", "raw_parameters"])
+@pytest.mark.parametrize(
+    "how",
+    ["parameter_dict", "only_lora_A", "load_state_dict_assign", "conversion", "raw_parameters"],
+)
 def test_replaced_parameters_are_noticed_between_allocations(
     make_stack: Callable[..., nn.ModuleDict], how: str
 ) -> None:
     """Adapter Parameters replaced by new objects (same values) at a step without allocation:
     the allocator reads the new ones from that step on, as if nothing happened. Registrations
     (``ParameterDict`` assignment, ``load_state_dict(assign=True)``) move ``ParameterEpoch``
-    (seen even though the old Parameters keep a gradient); a write straight into
-    ``_parameters`` is seen through the old Parameter's missing gradient (what
-    ``zero_grad()`` leaves, torch's default ``set_to_none=True``)."""
+    (seen even though the old Parameters keep a gradient), for A alone too; a conversion of
+    the whole model that writes new Parameters into ``_parameters`` is seen through the first
+    E; another write straight into ``_parameters`` is seen through the old Parameter's missing
+    gradient (what ``zero_grad()`` leaves, torch's default ``set_to_none=True``)."""
     layout = [(4, 4, 4), (4, 6, 4)]
     models = [make_stack(layout, dtype=torch.float32) for _ in range(2)]
     kw = dict(target_r=2, tinit=1, tfinal=2, total_step=12, deltaT=4)
@@ -876,16 +894,26 @@ def test_replaced_parameters_are_noticed_between_allocations(
                 for layer in model.values():
                     for d in (layer.lora_A, layer.lora_E, layer.lora_B):
                         d["default"] = nn.Parameter(d["default"].detach().clone())
+            elif how == "only_lora_A":
+                for layer in model.values():
+                    layer.lora_A["default"] = nn.Parameter(layer.lora_A["default"].detach().clone())
             elif how == "load_state_dict_assign":
                 sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 model.load_state_dict(sd, assign=True)
+            elif how == "conversion":  # new Parameters written into _parameters by _apply
+                torch.__future__.set_overwrite_module_params_on_conversion(True)
+                try:
+                    model.to(torch.float32)
+                finally:
+                    torch.__future__.set_overwrite_module_params_on_conversion(False)
             else:
                 for layer in model.values():
                     for d in (layer.lora_A, layer.lora_E, layer.lora_B):
                         d._parameters["default"] = nn.Parameter(d["default"].detach().clone())
                 for t in old:
                     t.grad = None  # as zero_grad() leaves the old objects
-            assert all(a is not b for a, b in zip(old, [t for p in triplets(model) for t in p]))
+            new = [t for p in triplets(model) for t in p]
+            assert sum(a is not b for a, b in zip(old, new)) >= len(old) // 3
         for model in models:
             step_model(model, np.random.default_rng(step))
         results = [alloc.update_and_allocate(step) for alloc in allocs]
@@ -908,3 +936,27 @@ def test_parameter_epoch_moves_on_registration_and_deletion() -> None:
     before = ParameterEpoch.value
     layer.delete_adapter("default")
     assert ParameterEpoch.value > before
+
+
+def test_mixed_precision_bucket_does_not_depend_on_grouping(
+    make_stack: Callable[..., nn.ModuleDict], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """float64 and float32 matrices in one bucket (float32 EMAs): a matrix multiplied alone
+    rounds its gradient to float32 as a stacked one does, so the grouping changes nothing."""
+    layout = [(4, 4, 4), (4, 4, 4), (4, 4, 4), (3, 5, 2)]
+    models = [make_stack(layout, dtype=torch.float32) for _ in range(2)]
+    for model in models:
+        model["m1"].to(torch.float64)
+        model["m3"].to(torch.float64)
+    kw = dict(target_r=2, tinit=1, tfinal=2, total_step=12, deltaT=3)
+    default = RankAllocator(models[0], **kw)
+    monkeypatch.setattr("adalora_torch._allocator._STAGE_FLOATS", 1)  # every matrix alone
+    alone = RankAllocator(models[1], **kw)
+    assert len(alone._buckets[0].runs) > len(default._buckets[0].runs)
+    for step in range(9):
+        for model in models:
+            step_model(model, np.random.default_rng(step))
+        assert default.update_and_allocate(step) == alone.update_and_allocate(step)
+        a, b = default.state_dict(), alone.state_dict()
+        for key in ("ema_sensitivity", "ema_uncertainty"):
+            assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), (step, key)
