@@ -424,7 +424,6 @@ class RankAllocator:
         ParameterEpoch.watch()
         self._epoch = ParameterEpoch.value
         self._sharded = False  # any FSDP2 (DTensor) bucket: no retries (collectives)
-        self._missing: list[list[int]] = []  # members without a gradient, per bucket, last step
         self._rebuild(ema=None)
 
     # -- configuration ------------------------------------------------------------------------
@@ -546,13 +545,11 @@ class RankAllocator:
     def _update_importance(self) -> None:
         work = []
         results = self._on_buckets(_sensitivity)
-        # a new missing gradient may be a replaced parameter's (a write into ``_parameters``)
-        missing_now = [missing for _, missing in results]
-        changed = missing_now != self._missing and any(missing_now) and not self._sharded
-        if changed and self._sync_with_model(_LAYERS):
+        # a missing gradient may be a replaced parameter's (a write into ``_parameters``): look
+        # at those layers (not under FSDP2, where a re-run on one process would hang the rest)
+        if not self._sharded and self._replaced([m for _, ms in results for m in ms]):
+            self._sync_with_model(_LAYERS)
             results = self._on_buckets(_sensitivity)
-            missing_now = [missing for _, missing in results]
-        self._missing = missing_now
         for sens, missing in results:
             work.append(sens)
             new = [self._names[m] for m in missing if self._names[m] not in self._warned]
@@ -633,12 +630,12 @@ class RankAllocator:
         Every step checks the identity and device of each bucket's first E (a conversion or
         move of the whole model). ``_QUICK`` (budgeting steps) looks at the identity of every
         A, E and B only when ``ParameterEpoch`` moved (a Parameter was registered somewhere);
-        ``_LAYERS`` (allocation steps, the final phase, a new missing gradient) always does;
+        ``_LAYERS`` (allocation steps, the final phase, a replaced Parameter whose successor
+        has no gradient yet) always does;
         ``_DEVICES`` (a kernel failed) also checks the device of every A, E and B.
         """
         name, epoch = self.adapter_name, ParameterEpoch.value
         if level >= _LAYERS or epoch != self._epoch:
-            self._epoch = epoch
             current = map(dict.get, self._dicts, repeat(name))
             stale = not all(map(operator.is_, current, self._cached))
         else:  # a conversion (to(), overwrite_module_params_on_conversion) registers nothing
@@ -650,7 +647,17 @@ class RankAllocator:
             stale = stale or any(map(operator.ne, map(_device, tensors), repeat(bucket.device)))
         if stale:
             self._rebuild(ema=self._export_ema())
+        self._epoch = epoch  # seen, once the buckets match the layers (a failed rebuild: not)
         return stale
+
+    def _replaced(self, members: list[int]) -> bool:
+        """Whether the A, E or B of one of ``members`` is no longer the cached Parameter."""
+        name = self.adapter_name
+        return any(
+            self._dicts[3 * m + k].get(name) is not self._cached[3 * m + k]
+            for m in members
+            for k in range(3)
+        )
 
     def _on_buckets(self, fn: Callable[[Any], _T]) -> list[_T]:
         """``fn(bucket)`` for every bucket, again after a rebuild if it failed because some
@@ -676,8 +683,9 @@ class RankAllocator:
 
     def _rebuild(self, ema: Mapping[str, tuple[torch.Tensor, ...]] | None) -> None:
         """(Re)build the device buckets from the layers; copy ``ema`` (per module) into them."""
-        if self._skipped_dev is not None:
+        if self._skipped_dev is not None:  # counted here once, even if a check below raises
             self._skipped += int(self._skipped_dev.item())
+            self._skipped_dev.zero_()
         by_device: dict[tuple[torch.device, bool], list[int]] = {}
         triplets = []
         for m, (name, layer) in enumerate(zip(self._names, self._layers)):
@@ -705,7 +713,15 @@ class RankAllocator:
                 )
             triplets.append((a, e, b))
             by_device.setdefault((e.device, is_sharded(e)), []).append(m)
+        offsets = self._offsets.tolist()
+        self._buckets = [  # FSDP2 (DTensor) parameters: ShardedBucket, same interface
+            (ShardedBucket if sharded else _Bucket)(  # type: ignore[misc]
+                dev, ms, [triplets[m] for m in ms], offsets, with_ema=not self._finalized
+            )
+            for (dev, sharded), ms in by_device.items()
+        ]
         # for _sync_with_model: each layer's A, E, B dicts and the Parameters read from them
+        # (set once the buckets exist, so a failed rebuild leaves the old ones stale)
         self._dicts = [
             d._parameters
             for layer in self._layers
@@ -714,13 +730,6 @@ class RankAllocator:
         self._cached = [t for triplet in triplets for t in triplet]
         self._e_cached = [t[1] for t in triplets]
         self._keep_dicts = [_keep_dict(layer) for layer in self._layers]
-        offsets = self._offsets.tolist()
-        self._buckets = [  # FSDP2 (DTensor) parameters: ShardedBucket, same interface
-            (ShardedBucket if sharded else _Bucket)(  # type: ignore[misc]
-                dev, ms, [triplets[m] for m in ms], offsets, with_ema=not self._finalized
-            )
-            for (dev, sharded), ms in by_device.items()
-        ]
         for bucket in self._buckets:
             # matrices physically shrunk to their final pattern have nothing left to mask
             bucket.mask_members = [
@@ -740,7 +749,6 @@ class RankAllocator:
                     bucket.load_ema(m, ema[self._names[m]])
         self._skipped_dev = torch.zeros((), dtype=torch.int64, device=self._buckets[0].device)
         self._sharded = any(isinstance(b, ShardedBucket) for b in self._buckets)
-        self._missing = []
         self._set_keep(self._keep)
 
     def to(self, device: torch.device | str) -> RankAllocator:

@@ -283,8 +283,9 @@ def test_non_finite_gradient_is_skipped(
 def test_missing_gradients_warn_once_and_count_as_zero(
     make_stack: Callable[..., nn.ModuleDict], monkeypatch: pytest.MonkeyPatch, hold: bool
 ) -> None:
-    """A layer without gradient (frozen or unused) warns once by name and has I = 0; the
-    layers are looked at in full when the set of missing gradients changes, not every step."""
+    """A layer without gradient (frozen or unused) warns once by name and has I = 0; a missing
+    gradient does not make the allocator look at every layer (only its own Parameters are
+    checked for a replacement)."""
     monkeypatch.setattr("adalora_torch._allocator._HOLD_WORKSPACE", hold)
     kw = dict(target_r=2, tinit=0, tfinal=0, total_step=10)
     model = make_stack([(4, 4, 3), (4, 4, 3), (4, 5, 3)])
@@ -320,9 +321,8 @@ def test_missing_gradients_warn_once_and_count_as_zero(
             torch_ema(sd, names, "ema_sensitivity"), list(state.ema_sensitivity), 1e-9
         )
         np.testing.assert_array_equal(keep_of(model), np.concatenate(state.masks))
-    # step 0: a quick look, then a full one as m1's gradient goes missing; steps 1-3 allocate
-    # (a full look each) and m1 missing again adds none
-    assert levels == [0, 1, 1, 1, 1]
+    # step 0: a quick look; steps 1-3 allocate (a full look each); m1 missing adds none
+    assert levels == [0, 1, 1, 1]
 
 
 def test_before_any_backward(make_stack: Callable[..., nn.ModuleDict]) -> None:
@@ -960,3 +960,51 @@ def test_mixed_precision_bucket_does_not_depend_on_grouping(
         a, b = default.state_dict(), alone.state_dict()
         for key in ("ema_sensitivity", "ema_uncertainty"):
             assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), (step, key)
+
+
+def test_a_layer_without_gradient_then_replaced_is_noticed(
+    make_stack: Callable[..., nn.ModuleDict],
+) -> None:
+    """m1 has no gradient at step 4 (in both runs), then at step 5 one run replaces its
+    Parameters by writing into ``_parameters`` (no registration; the old ones have no
+    gradient): the new Parameters are read from step 5 on, as in the undisturbed run."""
+    layout = [(4, 4, 4), (4, 6, 4), (4, 4, 4)]
+    models = [make_stack(layout, dtype=torch.float32) for _ in range(2)]
+    kw = dict(target_r=2, tinit=1, tfinal=2, total_step=14, deltaT=4)
+    allocs = [RankAllocator(m, **kw) for m in models]
+    for step in range(10):
+        if step == 5:
+            layer = models[1]["m1"]
+            for d in (layer.lora_A, layer.lora_E, layer.lora_B):
+                d._parameters["default"] = nn.Parameter(d["default"].detach().clone())
+        for model in models:
+            step_model(model, np.random.default_rng(step))
+            if step == 4:
+                for t in triplets(model)[1]:
+                    t.grad = None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            results = [alloc.update_and_allocate(step) for alloc in allocs]
+        assert results[0] == results[1]
+        a, b = (alloc.state_dict() for alloc in allocs)
+        for key in ("ema_sensitivity", "ema_uncertainty"):
+            assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), (step, key)
+
+
+def test_skipped_steps_counted_once_when_a_rebuild_fails(
+    make_stack: Callable[..., nn.ModuleDict],
+) -> None:
+    """A step skipped on the device (sync-free flag), then a rebuild that refuses the model
+    (shrunk before the final allocation): the skipped step is still counted once."""
+    model = make_stack([(4, 4, 4), (4, 6, 4)], dtype=torch.float32)
+    alloc = RankAllocator(model, target_r=2, tinit=1, tfinal=2, total_step=12)
+    alloc._sync_free = True
+    step_model(model, np.random.default_rng(0))
+    model["m0"].lora_A["default"].grad.view(-1)[0] = float("inf")
+    alloc.update_and_allocate(0)
+    model["m1"].set_rank("default", torch.tensor([True, True, False, False]))
+    step_model(model, np.random.default_rng(1))
+    for _ in range(2):
+        with pytest.raises(ValueError, match="shrink adapters only after the final allocation"):
+            alloc.update_and_allocate(1)
+    assert alloc.skipped_steps == 1
