@@ -47,6 +47,7 @@ from torch import nn
 from adalora_core import allocate, budget_schedule, validate_betas, validate_schedule
 
 from ._distributed import ShardedBucket, check_masks_agree, is_sharded, unwrap_model
+from ._ema import EmaState
 from ._protocol import ParameterEpoch, SVDAdapter
 
 __all__ = ["RankAllocator"]
@@ -143,7 +144,7 @@ def _runs(
     return out
 
 
-class _Bucket:
+class _Bucket(EmaState):
     """The adapted matrices that live on one device: flat EMAs and cached parameter lists.
 
     ``members`` are indices into the allocator's module list (model order); ``params`` lists
@@ -278,25 +279,6 @@ class _Bucket:
         self.none_seen = none
         return work, sorted({self.param_member[i] for i in none})
 
-    def update(self, work: torch.Tensor, finite: torch.Tensor | None) -> None:
-        """Fold ``I`` (``sensitivity()``'s workspace, overwritten) into the EMAs. ``finite``
-        None: the caller checked that ``I`` is finite; a bool tensor: keep the EMAs as they are
-        where it is False, without reading it on the host (accelerators)."""
-        assert self.ema_s is not None and self.ema_u is not None
-        w1: float | torch.Tensor
-        w2: float | torch.Tensor
-        if finite is None:
-            w1, w2 = self.weights
-        else:  # weights 0 for a non-finite step: the lerps below leave the EMAs as they are
-            w1, w2 = (self.weights_on * finite).unbind()
-        with torch.no_grad():
-            if finite is not None:
-                work.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # 0 · (I - Ī) stays 0
-            # one pass per EMA: lerp(x, y, w) = x + w·(y - x) = (1 - w)·x + w·y
-            self.ema_s.lerp_(work, w1)  # Ī ← β1·Ī + (1-β1)·I
-            work.sub_(self.ema_s).abs_()  # |I - Ī|, with the updated Ī
-            self.ema_u.lerp_(work, w2)  # Ū ← β2·Ū + (1-β2)·|I - Ī|
-
     def scores(self) -> torch.Tensor:
         """Triplet scores of the bucket's matrices, group order (see ``score_pos``)."""
         assert self.ema_s is not None and self.ema_u is not None
@@ -311,15 +293,11 @@ class _Bucket:
                 torch._foreach_mul_(self.e_masked, self.e_factors)
 
     def to(self, device: torch.device) -> None:
-        self.device = device
+        """Move the state to ``device``; a held workspace is dropped (made again there)."""
+        super().to(device)
         self.held = None
         if _HOLD_WORKSPACE is None:
             self.hold = device.type == "cpu"
-        for name in ("ema_s", "ema_u", "weights_on"):
-            value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, value.to(device))
-        self.e_factors = [f.to(device) for f in self.e_factors]
 
 
 class RankAllocator:

@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from torch._utils import _unflatten_dense_tensors as unflatten
 
+from ._ema import EmaState
+
 __all__ = [
     "ShardedBucket",
     "check_masks_agree",
@@ -267,7 +269,7 @@ def sharded_triplet_scores(
     return out
 
 
-class ShardedBucket:
+class ShardedBucket(EmaState):
     """``RankAllocator``'s state for adapter matrices whose A, E, B are ``DTensor`` (FSDP2).
 
     The same interface as the allocator's per-device ``_Bucket`` (``sensitivity()`` returns a
@@ -391,20 +393,6 @@ class ShardedBucket:
             sens[self.numel :].copy_(torch.where(ok > 0, 0.0, float("nan")))
         return sens, missing
 
-    def update(self, sens: torch.Tensor, finite: torch.Tensor | None) -> None:
-        """Fold ``sens`` (overwritten) into the EMAs, as the allocator's ``_Bucket.update``."""
-        assert self.ema_s is not None and self.ema_u is not None
-        w1: float | torch.Tensor
-        w2: float | torch.Tensor
-        if finite is None:
-            w1, w2 = self.weights
-        else:
-            w1, w2 = (self.weights_on * finite).unbind()
-            sens.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-        self.ema_s.lerp_(sens, w1)  # Ī ← β1·Ī + (1-β1)·I
-        sens.sub_(self.ema_s).abs_()  # |I - Ī|
-        self.ema_u.lerp_(sens, w2)  # Ū ← β2·Ū + (1-β2)·|I - Ī|
-
     def scores(self) -> torch.Tensor:
         """Triplet scores of the bucket's matrices (``score_pos`` order), the same on every
         process: local partial sums, all-reduced over the mesh."""
@@ -426,12 +414,3 @@ class ShardedBucket:
                 start, length = _local_range(int(e.shape[0]), mesh, placements, 0)
                 if local.numel():
                     local.mul_(factor[start : start + length].reshape(length, -1))
-
-    def to(self, device: torch.device) -> None:
-        """Move the state to ``device``."""
-        self.device = device
-        for name in ("ema_s", "ema_u", "weights_on"):
-            value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, value.to(device))
-        self.e_factors = [f.to(device) for f in self.e_factors]
