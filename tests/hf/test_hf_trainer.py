@@ -54,9 +54,9 @@ def _kept_per_layer(model: AdaLoraModel) -> list[int]:
     ]
 
 
-@pytest.mark.parametrize("wrap", ["AdaLoraModel", "get_peft_model"])
-def test_trainer_with_callback_ends_at_the_target_budget(make_base, tmp_path, wrap) -> None:
-    config = AdaLoraConfig(
+def _config() -> AdaLoraConfig:
+    """A short schedule with total_step left to the callback, E drawn non-zero."""
+    return AdaLoraConfig(
         init_r=4,
         target_r=2,
         tinit=1,
@@ -65,6 +65,11 @@ def test_trainer_with_callback_ends_at_the_target_budget(make_base, tmp_path, wr
         task_type="SEQ_CLS",
         init_lora_weights=False,
     )
+
+
+@pytest.mark.parametrize("wrap", ["AdaLoraModel", "get_peft_model"])
+def test_trainer_with_callback_ends_at_the_target_budget(make_base, tmp_path, wrap) -> None:
+    config = _config()
     assert config.total_step is None
     if wrap == "AdaLoraModel":
         model = AdaLoraModel(make_base("bert"), config)
@@ -123,16 +128,7 @@ def _checkpointing_trainer(model, out, callbacks) -> Trainer:
 
 
 def _adalora_bert(make_base) -> AdaLoraModel:
-    config = AdaLoraConfig(
-        init_r=4,
-        target_r=2,
-        tinit=1,
-        tfinal=2,
-        deltaT=1,
-        task_type="SEQ_CLS",
-        init_lora_weights=False,
-    )
-    return get_peft_model(make_base("bert"), config)
+    return get_peft_model(make_base("bert"), _config())
 
 
 def test_resumed_run_allocates_as_an_uninterrupted_one(make_base, tmp_path) -> None:
