@@ -13,11 +13,11 @@ import json
 import os
 from typing import Any
 
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from adalora_torch import RankAllocator
 
+from ._format import read_safetensors
 from ._io import write_file_atomic
 
 __all__ = ["ALLOCATOR_STATE", "ALLOCATOR_TENSORS", "load_allocator_state", "save_allocator_state"]
@@ -76,15 +76,10 @@ def load_allocator_state(allocator: RankAllocator, directory: str) -> bool:
         ) from None
     if not isinstance(state, dict):
         raise ValueError(f"{json_path} is not a JSON object: it is not an allocator state.")
-    try:
-        with safe_open(tensor_path, framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise ValueError(
-            f"{tensor_path} cannot be read as safetensors ({err}): the allocator state is "
-            "truncated or corrupted. Resume from an earlier checkpoint."
-        ) from err
+    tensors, metadata = read_safetensors(
+        tensor_path,
+        "the allocator state is truncated or corrupted. Resume from an earlier checkpoint.",
+    )
     digest = metadata.get(_DIGEST)
     if digest is not None and digest != hashlib.sha256(text).hexdigest():
         raise ValueError(

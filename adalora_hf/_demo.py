@@ -27,13 +27,16 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ._inspect import AdapterSummary, plot_rank_heatmap, read_adapter
+
+if TYPE_CHECKING:
+    from ._config import AdaLoraConfig
 
 __all__ = [
     "TINY_RECIPE",
@@ -115,6 +118,23 @@ class DemoSettings:
     def tfinal(self) -> int:
         """Final steps with fixed ranks."""
         return max(1, int(self.steps * self.tfinal_frac))
+
+    def adalora_config(self, **extra: Any) -> AdaLoraConfig:
+        """The ``AdaLoraConfig`` of these settings (``extra``: targets and the like); raises
+        ``ValueError`` for settings AdaLoRA refuses."""
+        from ._config import AdaLoraConfig
+
+        return AdaLoraConfig(
+            init_r=self.init_r,
+            target_r=self.target_r,
+            tinit=self.tinit,
+            tfinal=self.tfinal,
+            deltaT=self.deltaT,
+            total_step=self.steps,
+            orth_reg_weight=self.orth_reg_weight,
+            lora_alpha=self.lora_alpha,
+            **extra,
+        )
 
 
 @dataclass
@@ -447,22 +467,11 @@ def _run_adalora(
 ) -> tuple[MethodResult, list[int], AdapterSummary, float]:
     from adalora_core import budget_schedule
 
-    from . import AdaLoraConfig, AdaLoraModel
+    from . import AdaLoraModel
 
     model = _fresh(base, seed)
     targets = target_modules(model)
-    config = AdaLoraConfig(
-        init_r=s.init_r,
-        target_r=s.target_r,
-        tinit=s.tinit,
-        tfinal=s.tfinal,
-        deltaT=s.deltaT,
-        total_step=s.steps,
-        orth_reg_weight=s.orth_reg_weight,
-        lora_alpha=s.lora_alpha,
-        target_modules=targets,
-        modules_to_save=["classifier"],
-    )
+    config = s.adalora_config(target_modules=targets, modules_to_save=["classifier"])
     torch.manual_seed(seed)
     ada = AdaLoraModel(model, config, adapter_name="default")
     trained = _count(p for p in ada.parameters() if p.requires_grad)

@@ -186,15 +186,22 @@ def read_weights(directory: str) -> tuple[dict[str, torch.Tensor], dict[str, str
             f"No {WEIGHTS_NAME} in {directory!r}: pass the directory written by save_pretrained "
             "(nothing is downloaded from the Hub)."
         )
+    return read_safetensors(
+        path,
+        "the file is truncated or corrupted (an interrupted copy or download?). Save or copy "
+        "the adapter again.",
+    )
+
+
+def read_safetensors(path: str, hint: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the metadata of the safetensors file ``path``; ``ValueError`` ending in
+    ``hint`` (what is wrong and what to do) when it cannot be read."""
     try:
         with safe_open(path, framework="pt") as f:
             metadata = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise ValueError(
-            f"{path} cannot be read as safetensors ({err}): the file is truncated or corrupted "
-            "(an interrupted copy or download?). Save or copy the adapter again."
-        ) from err
+        raise ValueError(f"{path} cannot be read as safetensors ({err}): {hint}") from err
     return tensors, metadata
 
 

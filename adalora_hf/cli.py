@@ -120,7 +120,6 @@ def _parser() -> argparse.ArgumentParser:
 def _demo(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
-    from . import AdaLoraConfig
     from ._demo import TINY_RECIPE, DemoSettings, Recipe, resolve_device, run_demo
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars for a 60k-parameter model
@@ -150,16 +149,7 @@ def _demo(args: argparse.Namespace) -> int:
     )
     try:  # fail before pretraining: a device that is not there, settings AdaLoRA refuses
         resolve_device(args.device)
-        AdaLoraConfig(
-            init_r=settings.init_r,
-            target_r=settings.target_r,
-            tinit=settings.tinit,
-            tfinal=settings.tfinal,
-            deltaT=settings.deltaT,
-            total_step=settings.steps,
-            orth_reg_weight=settings.orth_reg_weight,
-            lora_alpha=settings.lora_alpha,
-        )
+        settings.adalora_config()
     except ValueError as err:
         return fail(str(err))
     start = time.perf_counter()

@@ -209,17 +209,7 @@ def cancer(seed: int, settings: Any, pretrain_steps: int) -> list[Run]:
 
     # AdaLoRA
     model = fresh(backbone, seed)
-    config = adalora_hf.AdaLoraConfig(
-        init_r=settings.init_r,
-        target_r=settings.target_r,
-        tinit=settings.tinit,
-        tfinal=settings.tfinal,
-        deltaT=settings.deltaT,
-        total_step=settings.steps,
-        orth_reg_weight=settings.orth_reg_weight,
-        lora_alpha=settings.lora_alpha,
-        target_modules=TARGETS,
-    )
+    config = settings.adalora_config(target_modules=TARGETS)
     torch.manual_seed(seed)
     ada = adalora_hf.AdaLoraModel(model, config)
     model.head.requires_grad_(True)
