@@ -68,6 +68,21 @@ def build_net(seed: int = 0) -> Net:
     return model.double()
 
 
+class WithLoss(nn.Module):
+    """The training loss inside ``forward``, so the orthogonal penalty reads the parameters
+    while FSDP has them unsharded (as ``AdaLoraModel.forward`` does)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        from adalora_torch import orthogonal_penalty
+
+        loss = nn.functional.mse_loss(self.net(x), y)
+        return loss + 0.1 * orthogonal_penalty(self.net)
+
+
 def global_batch(step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The global batch (``GLOBAL_BATCH`` rows) of ``step`` (micro-batch ``micro`` when
     accumulating), the same in every process."""

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from _common import (
     SCHEDULE,
+    WithLoss,
     adapter_tensors,
     build_net,
     finish,
@@ -37,21 +38,8 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from adalora_core import allocate, triplet_scores
-from adalora_torch import RankAllocator, SVDAdapter, orthogonal_penalty
+from adalora_torch import RankAllocator, SVDAdapter
 from adalora_torch._distributed import is_sharded, sharded_triplet_scores
-
-
-class WithLoss(nn.Module):
-    """The training loss inside ``forward``, so the orthogonal penalty reads the parameters
-    while FSDP has them unsharded (as ``AdaLoraModel.forward`` does)."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        loss = nn.functional.mse_loss(self.net(x), y)
-        return loss + 0.1 * orthogonal_penalty(self.net)
 
 
 def _max_diff(a: dict[str, Any], b: dict[str, Any]) -> float:

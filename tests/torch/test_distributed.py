@@ -293,20 +293,10 @@ def test_fsdp2_in_one_process_matches_the_plain_allocator(workers, world_of_one)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from adalora_torch import orthogonal_penalty
     from adalora_torch._distributed import is_sharded
 
-    class WithLoss(nn.Module):
-        def __init__(self, net: nn.Module) -> None:
-            super().__init__()
-            self.net = net
-
-        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            loss = nn.functional.mse_loss(self.net(x), y)
-            return loss + 0.1 * orthogonal_penalty(self.net)
-
     net = workers.build_net()
-    model = WithLoss(net)
+    model = workers.WithLoss(net)
     fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
     assert is_sharded(net.head.lora_A["default"])
     allocator = RankAllocator(net, **workers.SCHEDULE)
