@@ -102,12 +102,13 @@ class Env:
         path: Path,
         edit: Callable[[dict[str, torch.Tensor]], None],
         metadata: dict[str, str] | None = None,
+        name: str = WEIGHTS,
     ) -> None:
-        with safe_open(str(path / WEIGHTS), framework="pt") as f:
+        with safe_open(str(path / name), framework="pt") as f:
             kept = f.metadata()
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
         edit(tensors)
-        save_file(tensors, str(path / WEIGHTS), metadata=metadata or kept)
+        save_file(tensors, str(path / name), metadata=metadata or kept)
 
 
 CASES: dict[str, Callable[[Env], Callable[[], object]]] = {}
@@ -512,13 +513,12 @@ def _state_json(env: Env) -> Callable[[], object]:
 @case("allocator-state-nan-ema")
 def _state_nan_ema(env: Env) -> Callable[[], object]:
     path = _allocator_state(env, "ckpt")
-    file = path / "adalora_allocator.safetensors"
-    with safe_open(str(file), framework="pt") as f:
-        metadata = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    key = next(k for k in tensors if "ema_uncertainty" in k)
-    tensors[key].view(-1)[0] = float("nan")
-    save_file(tensors, str(file), metadata=metadata)
+
+    def poison(tensors: dict[str, torch.Tensor]) -> None:
+        key = next(k for k in tensors if "ema_uncertainty" in k)
+        tensors[key].view(-1)[0] = float("nan")
+
+    env.edit_weights(path, poison, name="adalora_allocator.safetensors")
     model = env.model()
     return lambda: model.load_allocator_state(path)
 
