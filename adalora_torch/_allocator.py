@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import operator
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from itertools import repeat
 from typing import Any, TypeVar
 
@@ -614,8 +614,7 @@ class RankAllocator:
         """
         name, epoch = self.adapter_name, ParameterEpoch.value
         if level >= _LAYERS or epoch != self._epoch:
-            current = map(dict.get, self._dicts, repeat(name))
-            stale = not all(map(operator.is_, current, self._cached))
+            stale = self._replaced(range(len(self._layers)))
         else:  # a conversion (to(), overwrite_module_params_on_conversion) registers nothing
             stale = any(
                 self._dicts[3 * b.members[0] + 1].get(name) is not b.e_all[0] for b in self._buckets
@@ -628,7 +627,7 @@ class RankAllocator:
         self._epoch = epoch  # seen, once the buckets match the layers (a failed rebuild: not)
         return stale
 
-    def _replaced(self, members: list[int]) -> bool:
+    def _replaced(self, members: Iterable[int]) -> bool:
         """Whether the A, E or B of one of ``members`` is no longer the cached Parameter."""
         name = self.adapter_name
         return any(
