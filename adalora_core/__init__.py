@@ -20,6 +20,7 @@ from ._importance import gradient_is_finite as gradient_is_finite
 from ._importance import triplet_scores as triplet_scores
 from ._importance import update_importance as update_importance
 from ._schedule import budget_schedule as budget_schedule
+from ._schedule import require_total_step as require_total_step
 from ._schedule import validate_betas as validate_betas
 from ._schedule import validate_schedule as validate_schedule
 
@@ -37,6 +38,7 @@ __all__ = [
     "masks_from_rank_pattern",
     "masks_to_rank_pattern",
     "rank_allocator",
+    "require_total_step",
     "triplet_scores",
     "update_importance",
     "validate_betas",

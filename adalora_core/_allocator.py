@@ -15,7 +15,7 @@ import numpy as np
 
 from ._allocate import allocate
 from ._importance import element_score, gradient_is_finite, triplet_scores, update_importance
-from ._schedule import budget_schedule, validate_betas, validate_schedule
+from ._schedule import budget_schedule, require_total_step, validate_betas, validate_schedule
 
 __all__ = ["Allocator", "AllocatorState", "Triplet", "rank_allocator"]
 
@@ -83,10 +83,10 @@ def rank_allocator(
         target_budget=0,
         tinit=tinit,
         tfinal=tfinal,
-        total_step=total_step,
+        total_step=require_total_step(total_step),
         deltaT=deltaT,
     )
-    assert total_step is not None  # validated above
+    assert total_step is not None  # required above
     if isinstance(target_r, bool) or not isinstance(target_r, (int, np.integer)) or target_r < 0:
         raise ValueError(f"target_r must be an integer >= 0, got {target_r!r}.")
     final_step = total_step - tfinal

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["budget_schedule", "validate_betas", "validate_schedule"]
+__all__ = ["budget_schedule", "require_total_step", "validate_betas", "validate_schedule"]
 
 
 def _is_int(x: object) -> bool:
@@ -25,32 +25,22 @@ def validate_schedule(
 ) -> None:
     """Raise ``ValueError`` (with what to change) when schedule arguments cannot work.
 
-    Checks: ``total_step`` given and positive; ``tinit, tfinal >= 0``;
-    ``tinit < total_step - tfinal`` (a budgeting phase of at least one step);
-    ``deltaT >= 1``; ``0 <= target_budget <= init_budget``.
+    Checks: ``tinit, tfinal >= 0``; ``deltaT >= 1``; ``0 <= target_budget <= init_budget``;
+    and, once ``total_step`` is known (None means "not known yet", e.g. until a ``Trainer``
+    callback fills it in): ``total_step`` positive and ``tinit < total_step - tfinal`` (a
+    budgeting phase of at least one step). This function is the one place these rules and
+    their messages live; every layer (config, allocators, model) calls it.
     """
-    if total_step is None:
-        raise ValueError(
-            "total_step is None: set total_step to the number of optimizer steps of the run "
-            "(AdaLoraCallback fills it in from the Trainer's max_steps)."
-        )
-    for name, value in (("total_step", total_step), ("tinit", tinit), ("tfinal", tfinal)):
-        if not _is_int(value):
+    named = (("total_step", total_step), ("tinit", tinit), ("tfinal", tfinal))
+    for name, value in named:
+        if not _is_int(value) and not (name == "total_step" and value is None):
             raise ValueError(f"{name} must be an integer, got {value!r}.")
     if not _is_int(deltaT) or deltaT < 1:
         raise ValueError(
             f"deltaT must be an integer >= 1 (steps between allocations), got {deltaT!r}."
         )
-    if total_step <= 0:
-        raise ValueError(f"total_step must be positive, got {total_step}.")
     if tinit < 0 or tfinal < 0:
         raise ValueError(f"tinit and tfinal must be >= 0, got tinit={tinit}, tfinal={tfinal}.")
-    if tinit >= total_step - tfinal:
-        raise ValueError(
-            f"tinit ({tinit}) must be smaller than total_step - tfinal ({total_step} - {tfinal} = "
-            f"{total_step - tfinal}) so that the budget has steps to decrease in: lower tinit or "
-            "tfinal, or raise total_step."
-        )
     if init_budget < 0 or target_budget < 0:
         raise ValueError(
             f"budgets must be >= 0, got init_budget={init_budget}, target_budget={target_budget}."
@@ -60,6 +50,32 @@ def validate_schedule(
             f"target budget ({target_budget}) is larger than the initial budget ({init_budget}): "
             "lower target_r to at most init_r."
         )
+    if total_step is None:
+        return
+    if total_step <= 0:
+        raise ValueError(f"total_step must be positive, got {total_step}.")
+    if tinit >= total_step - tfinal:
+        raise ValueError(
+            f"tinit ({tinit}) must be smaller than total_step - tfinal ({total_step} - {tfinal} = "
+            f"{total_step - tfinal}) so that the budget has steps to decrease in: lower tinit or "
+            "tfinal, or raise total_step."
+        )
+
+
+def require_total_step(total_step: int | None) -> int:
+    """``total_step``, or a ``ValueError`` saying how to set it when it is still None.
+
+    >>> require_total_step(100)
+    100
+    """
+    if total_step is None:
+        raise ValueError(
+            "total_step is None: set total_step to the number of optimizer steps of the run "
+            "(AdaLoraConfig(total_step=N), RankAllocator(..., total_step=N) or "
+            "set_total_step(N)), or train with transformers.Trainer and AdaLoraCallback, which "
+            "fills it in from max_steps."
+        )
+    return total_step
 
 
 def validate_betas(beta1: float, beta2: float) -> None:
@@ -76,7 +92,7 @@ def budget_schedule(
     target_budget: int,
     tinit: int,
     tfinal: int,
-    total_step: int,
+    total_step: int | None,
     deltaT: int,
 ) -> tuple[int, bool]:
     """The number of triplets to keep at ``step``, and whether to mask at this step.
@@ -105,6 +121,7 @@ def budget_schedule(
     >>> budget_schedule(45, **{**kw, "deltaT": 10})
     (34, False)
     """
+    total_step = require_total_step(total_step)
     validate_schedule(
         init_budget=init_budget,
         target_budget=target_budget,

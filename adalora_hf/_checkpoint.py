@@ -17,8 +17,8 @@ from safetensors.torch import save
 
 from adalora_torch import RankAllocator
 
-from ._format import read_safetensors
 from ._io import write_file_atomic
+from ._serialization import read_safetensors
 
 __all__ = ["ALLOCATOR_STATE", "ALLOCATOR_TENSORS", "load_allocator_state", "save_allocator_state"]
 

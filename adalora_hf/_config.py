@@ -14,12 +14,12 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from ._io import interrupted_save_hint, write_file_atomic
+from ._serialization import CONFIG_NAME
 
-__all__ = ["CONFIG_NAME", "AdaLoraConfig"]
+__all__ = ["AdaLoraConfig"]
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "adapter_config.json"
 _PEFT_TYPE = "ADALORA"
 _TASK_TYPES = (
     "SEQ_CLS",

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._serialization import CONFIG_NAME, PEFT_PREFIX, WEIGHTS_NAME
+
 __all__ = [
     "AdapterError",
     "AdapterSummary",
@@ -34,9 +36,6 @@ __all__ = [
     "read_adapter",
 ]
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-_PREFIX = "base_model.model."
 _PART = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AEB])(?:\.[^.]+)?$")
 
 
@@ -129,7 +128,7 @@ def _read_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
 
 def _module_name(key: str) -> tuple[str, str] | None:
     """``base_model.model.<module>.lora_A[.<adapter>]`` -> (module, "A"); None for other keys."""
-    match = _PART.match(key.removeprefix(_PREFIX))
+    match = _PART.match(key.removeprefix(PEFT_PREFIX))
     return None if match is None else (match.group("module"), match.group("part"))
 
 
@@ -174,7 +173,7 @@ def read_adapter(path: str | Path) -> AdapterSummary:
     for key, shape in shapes.items():
         named = _module_name(key)
         if named is None:
-            other[key.removeprefix(_PREFIX)] = math.prod(shape)
+            other[key.removeprefix(PEFT_PREFIX)] = math.prod(shape)
         else:
             parts.setdefault(named[0], {})[named[1]] = shape
     if not parts:

@@ -34,8 +34,11 @@ from adalora_torch._distributed import is_rank_zero
 from adalora_torch._inject import PlannedAdapter, plan_adapters
 
 from ._checkpoint import load_allocator_state, save_allocator_state
-from ._config import CONFIG_NAME, AdaLoraConfig
-from ._format import (
+from ._config import AdaLoraConfig
+from ._io import write_files_atomic
+from ._modules_to_save import ModulesToSaveWrapper
+from ._serialization import (
+    CONFIG_NAME,
     PEFT_PREFIX,
     WEIGHTS_NAME,
     check_config_stamp,
@@ -45,8 +48,6 @@ from ._format import (
     shrink_state_dict,
     weights_bytes,
 )
-from ._io import write_files_atomic
-from ._modules_to_save import ModulesToSaveWrapper
 from ._signature import ForwardWithSignature
 from ._targets import default_target_modules
 

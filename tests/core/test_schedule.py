@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from adalora_core import budget_schedule, validate_schedule
+from adalora_core import budget_schedule, require_total_step, validate_schedule
 
 
 @st.composite
@@ -67,7 +67,6 @@ BASE = dict(init_budget=48, target_budget=32, tinit=10, tfinal=20, total_step=10
         (dict(tfinal=100), "must be smaller than total_step - tfinal"),
         (dict(target_budget=49), "lower target_r"),
         (dict(deltaT=0), "deltaT must be an integer >= 1"),
-        (dict(total_step=None), "total_step is None"),
         (dict(total_step=0), "total_step must be positive"),
         (dict(tinit=-1), "must be >= 0"),
         (dict(tinit=1.5), "tinit must be an integer"),
@@ -78,6 +77,17 @@ def test_invalid_schedules_say_what_to_change(change: dict, message: str) -> Non
         validate_schedule(**{**BASE, **change})
     with pytest.raises(ValueError, match=message):
         budget_schedule(50, **{**BASE, **change})
+
+
+def test_unknown_total_step_checks_the_rest_and_the_step_needs_it() -> None:
+    # None means "not known yet": the rules that need it wait, the others still apply
+    validate_schedule(**{**BASE, "total_step": None, "tinit": 500})
+    with pytest.raises(ValueError, match="lower target_r"):
+        validate_schedule(**{**BASE, "total_step": None, "target_budget": 49})
+    with pytest.raises(ValueError, match="total_step is None: set total_step"):
+        budget_schedule(50, **{**BASE, "total_step": None})
+    with pytest.raises(ValueError, match="total_step is None: set total_step"):
+        require_total_step(None)
 
 
 def test_negative_step_is_an_error() -> None:

@@ -14,7 +14,7 @@ DOCS = Path(__file__).resolve().parents[2] / "docs"
 BLOCK = re.compile(r"```python\n(.*?)```", re.DOTALL)
 MODULES = [
     "adalora_hf._config",
-    "adalora_hf._format",
+    "adalora_hf._serialization",
     "adalora_hf._model",
     "adalora_hf._targets",
     "adalora_hf._callback",

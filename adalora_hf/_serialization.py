@@ -19,10 +19,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from ._config import CONFIG_NAME
 from ._io import write_file_atomic
 
 __all__ = [
+    "CONFIG_NAME",
     "PEFT_PREFIX",
     "STAMPED_FIELDS",
     "WEIGHTS_NAME",
@@ -36,6 +36,7 @@ __all__ = [
     "weights_bytes",
 ]
 
+CONFIG_NAME = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 WEIGHTS_NAME = "adapter_model.safetensors"
 _PICKLE_NAME = "adapter_model.bin"
