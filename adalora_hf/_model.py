@@ -31,7 +31,7 @@ from adalora_torch import (
     orthogonal_penalty,
 )
 from adalora_torch._distributed import is_rank_zero
-from adalora_torch._inject import PlannedAdapter, plan_adapters
+from adalora_torch._inject import PlannedAdapter, name_matches, plan_adapters
 
 from ._checkpoint import load_allocator_state, save_allocator_state
 from ._config import AdaLoraConfig
@@ -61,14 +61,6 @@ _WRAPPER_PARTS = ("original_module", "modules_to_save")
 # Forward calls (training mode, with a loss) after which a run that never calls
 # update_and_allocate is told that AdaLoRA is acting as plain LoRA.
 _PLAIN_LORA_FORWARDS = 10
-
-
-def _matches(name: str, targets: Sequence[str] | str) -> bool:
-    # PEFT's semantics: a string is a full-match regex; a list entry matches the whole name or
-    # its last dot-separated components
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
 
 
 def _inside(name: str, prefixes: Sequence[str]) -> bool:
@@ -222,7 +214,7 @@ class AdaLoraModel(nn.Module):
         skip += [
             n
             for n, _ in self.model.named_modules()
-            if n and config.modules_to_save and _matches(n, config.modules_to_save)
+            if n and config.modules_to_save and name_matches(n, config.modules_to_save)
         ]
         svd = [n for n, _ in self._svd_layers()]
         names = []
@@ -231,7 +223,7 @@ class AdaLoraModel(nn.Module):
                 continue
             if any(name.startswith(p + ".") for p in svd):
                 continue  # the insides of an adapter layer
-            if _matches(name, targets):
+            if name_matches(name, targets):
                 names.append(name)
         return names
 
@@ -339,7 +331,7 @@ class AdaLoraModel(nn.Module):
         svd = [n for n, _ in self._svd_layers()]
         chosen: list[str] = []
         for name, _ in self.model.named_modules():
-            if not name or not _matches(name, cfg.modules_to_save):
+            if not name or not name_matches(name, cfg.modules_to_save):
                 continue
             inside = _inside(name, wrappers) or _inside(name, svd) or _inside(name, chosen)
             if name in wrappers or not inside:  # an existing wrapper, or a module to wrap

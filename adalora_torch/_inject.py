@@ -15,8 +15,18 @@ __all__ = ["inject_adapters", "mark_only_adapters_trainable"]
 _SUPPORTED = "nn.Linear, transformers' Conv1D, nn.Conv2d (groups=1) and nn.Embedding"
 
 
-def _name_matches(name: str, targets: Sequence[str] | str) -> bool:
-    # str: full-match regex; list: exact name or ".<target>" suffix (PEFT's semantics)
+def name_matches(name: str, targets: Sequence[str] | str) -> bool:
+    r"""Whether module ``name`` is one of ``targets``, with PEFT's semantics: a string is a
+    full-match regex; a list entry matches the whole name or its last dot-separated components.
+    The one matcher of module names (targets, ``modules_to_save``).
+
+    >>> name_matches("encoder.layer.0.attention.query", ["query"])
+    True
+    >>> name_matches("encoder.layer.0.attention.query", ["uery"])
+    False
+    >>> name_matches("encoder.layer.0.attention.query", r".*\.0\..*query")
+    True
+    """
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith("." + t) for t in targets)
@@ -102,7 +112,7 @@ def plan_adapters(
     for name, module in modules:
         if not name or any(name.startswith(p) for p in svd_prefixes):
             continue  # the root, or the insides of an existing adapter layer
-        if not _name_matches(name, targets):
+        if not name_matches(name, targets):
             continue
         matched.append(name)
         if layer_filter is not None and _layer_index(name, layers_pattern) not in layer_filter:

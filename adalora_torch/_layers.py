@@ -41,12 +41,18 @@ def is_conv1d(module: nn.Module) -> bool:
     )
 
 
-def iter_svd_layers(model: nn.Module) -> Iterator[tuple[str, SVDAdapter]]:
-    """``(name, layer)`` for every submodule that is an ``SVDAdapter``, in module order."""
+def iter_svd_layers(
+    model: nn.Module, adapter_name: str | None = None
+) -> Iterator[tuple[str, SVDAdapter]]:
+    """``(name, layer)`` for every submodule that is an ``SVDAdapter`` (holding adapter
+    ``adapter_name``, when given), in module order. The one finder of adapter layers."""
     for name, m in model.named_modules():
         # our own layers first, then a dict lookup: the Protocol's isinstance costs
         # microseconds per module
-        if isinstance(m, _SVDLayerBase) or ("lora_A" in m._modules and isinstance(m, SVDAdapter)):
+        is_svd = isinstance(m, _SVDLayerBase) or (
+            "lora_A" in m._modules and isinstance(m, SVDAdapter)
+        )
+        if is_svd and (adapter_name is None or adapter_name in m.lora_A):
             yield name, m
 
 

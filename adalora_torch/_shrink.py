@@ -13,13 +13,8 @@ import torch
 from torch import nn
 
 from ._layers import SVDConv2d, SVDEmbedding, iter_svd_layers
-from ._protocol import SVDAdapter
 
 __all__ = ["shrink_to_pattern", "to_lora_state_dict"]
-
-
-def _adapter_layers(model: nn.Module, adapter_name: str) -> list[tuple[str, SVDAdapter]]:
-    return [(n, m) for n, m in iter_svd_layers(model) if adapter_name in m.lora_A]
 
 
 def _move_optimizer_state(
@@ -65,7 +60,7 @@ def shrink_to_pattern(
         allocator.update_and_allocate(step)   # at or after total_step - tfinal
         shrink_to_pattern(model, optimizer)
     """
-    layers = _adapter_layers(model, adapter_name)
+    layers = iter_svd_layers(model, adapter_name)
     if not layers:
         raise ValueError(f"The model has no SVD adapter layer with adapter {adapter_name!r}.")
     masks: dict[str, object] = {}
@@ -120,7 +115,7 @@ def to_lora_state_dict(
     """
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
-    for name, layer in _adapter_layers(model, adapter_name):
+    for name, layer in iter_svd_layers(model, adapter_name):
         a, e, b = (d[adapter_name].detach() for d in (layer.lora_A, layer.lora_E, layer.lora_B))
         keep = getattr(layer, "keep", {}).get(adapter_name)
         mask = (
