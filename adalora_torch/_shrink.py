@@ -60,7 +60,7 @@ def shrink_to_pattern(
         allocator.update_and_allocate(step)   # at or after total_step - tfinal
         shrink_to_pattern(model, optimizer)
     """
-    layers = iter_svd_layers(model, adapter_name)
+    layers = list(iter_svd_layers(model, adapter_name))
     if not layers:
         raise ValueError(f"The model has no SVD adapter layer with adapter {adapter_name!r}.")
     masks: dict[str, object] = {}
