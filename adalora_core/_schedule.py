@@ -28,8 +28,10 @@ def validate_schedule(
     Checks: ``tinit, tfinal >= 0``; ``deltaT >= 1``; ``0 <= target_budget <= init_budget``;
     and, once ``total_step`` is known (None means "not known yet", e.g. until a ``Trainer``
     callback fills it in): ``total_step`` positive and ``tinit < total_step - tfinal`` (a
-    budgeting phase of at least one step). This function is the one place these rules and
-    their messages live; every layer (config, allocators, model) calls it.
+    budgeting phase of at least one step). The budgets count triplets (``init_r`` and
+    ``target_r`` times the number of adapted matrices; a config, which does not know that
+    number yet, passes ``init_r`` and ``target_r`` themselves). This function is the one place
+    these rules and their messages live; every layer (config, allocators, model) calls it.
     """
     named = (("total_step", total_step), ("tinit", tinit), ("tfinal", tfinal))
     for name, value in named:
@@ -37,23 +39,31 @@ def validate_schedule(
             raise ValueError(f"{name} must be an integer, got {value!r}.")
     if not _is_int(deltaT) or deltaT < 1:
         raise ValueError(
-            f"deltaT must be an integer >= 1 (steps between allocations), got {deltaT!r}."
+            f"deltaT must be an integer >= 1 (steps between two allocations), got {deltaT!r}."
         )
     if tinit < 0 or tfinal < 0:
-        raise ValueError(f"tinit and tfinal must be >= 0, got tinit={tinit}, tfinal={tfinal}.")
+        raise ValueError(
+            f"tinit and tfinal must be >= 0 (numbers of steps), got tinit={tinit}, "
+            f"tfinal={tfinal}."
+        )
     if init_budget < 0 or target_budget < 0:
         raise ValueError(
-            f"budgets must be >= 0, got init_budget={init_budget}, target_budget={target_budget}."
+            f"budgets count triplets and must be >= 0, got init_budget={init_budget}, "
+            f"target_budget={target_budget}: set target_r (and init_r) to 0 or more."
         )
     if target_budget > init_budget:
         raise ValueError(
-            f"target budget ({target_budget}) is larger than the initial budget ({init_budget}): "
-            "lower target_r to at most init_r."
+            f"the target budget ({target_budget}, from target_r) is larger than the initial "
+            f"budget ({init_budget}, from init_r): AdaLoRA only removes rank; lower target_r or "
+            "raise init_r."
         )
     if total_step is None:
         return
     if total_step <= 0:
-        raise ValueError(f"total_step must be positive, got {total_step}.")
+        raise ValueError(
+            "total_step must be a positive integer (the number of optimizer steps of the run), "
+            f"got {total_step}."
+        )
     if tinit >= total_step - tfinal:
         raise ValueError(
             f"tinit ({tinit}) must be smaller than total_step - tfinal ({total_step} - {tfinal} = "
@@ -79,9 +89,10 @@ def require_total_step(total_step: int | None) -> int:
 
 
 def validate_betas(beta1: float, beta2: float) -> None:
-    """Raise ``ValueError`` unless both EMA coefficients lie strictly between 0 and 1."""
+    """Raise ``ValueError`` unless both EMA coefficients are numbers strictly between 0 and 1."""
     for name, beta in (("beta1", beta1), ("beta2", beta2)):
-        if not (0.0 < float(beta) < 1.0):
+        real = isinstance(beta, (int, float, np.integer, np.floating)) and not isinstance(beta, bool)
+        if not real or not (0.0 < float(beta) < 1.0):
             raise ValueError(f"{name} must lie strictly between 0 and 1 (e.g. 0.85), got {beta!r}.")
 
 

@@ -13,6 +13,8 @@ import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+import adalora_core
+
 from ._io import interrupted_save_hint, write_file_atomic
 from ._serialization import CONFIG_NAME
 
@@ -98,7 +100,7 @@ class AdaLoraConfig:
     >>> AdaLoraConfig(target_r=16, init_r=12)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: target_r (16) is larger than init_r (12): AdaLoRA only removes rank; ...
+    ValueError: the target budget (16, from target_r) is larger than the initial budget (12, ...
     """
 
     # -- PEFT bookkeeping ---------------------------------------------------------------------
@@ -264,6 +266,8 @@ class AdaLoraConfig:
             )
 
     def _check_adalora_fields(self) -> None:
+        # the types of the fields and the config-only rules; the schedule and beta rules (and
+        # their messages) are adalora_core's, see check_schedule
         for name in ("init_r", "target_r", "tinit", "tfinal", "deltaT"):
             value = getattr(self, name)
             if not _is_int(value):
@@ -272,28 +276,7 @@ class AdaLoraConfig:
             raise ValueError(
                 f"init_r must be >= 1 (the rank every matrix starts with), got {self.init_r}."
             )
-        if self.target_r < 0:
-            raise ValueError(f"target_r must be >= 0, got {self.target_r}.")
-        if self.target_r > self.init_r:
-            raise ValueError(
-                f"target_r ({self.target_r}) is larger than init_r ({self.init_r}): AdaLoRA only "
-                "removes rank; lower target_r or raise init_r."
-            )
-        if self.tinit < 0 or self.tfinal < 0:
-            raise ValueError(
-                f"tinit and tfinal must be >= 0 (numbers of steps), got tinit={self.tinit}, "
-                f"tfinal={self.tfinal}."
-            )
-        if self.deltaT < 1:
-            raise ValueError(
-                f"deltaT must be >= 1 (steps between two allocations), got {self.deltaT}."
-            )
-        for name in ("beta1", "beta2"):
-            beta = getattr(self, name)
-            if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta < 1:
-                raise ValueError(
-                    f"{name} must lie strictly between 0 and 1 (e.g. 0.85), got {beta!r}."
-                )
+        adalora_core.validate_betas(self.beta1, self.beta2)
         w = self.orth_reg_weight
         if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
             raise ValueError(
@@ -301,29 +284,25 @@ class AdaLoraConfig:
             )
 
     def check_schedule(self, require_total_step: bool = True) -> None:
-        """Check ``total_step`` against ``tinit`` and ``tfinal``.
+        """Check ``init_r``, ``target_r``, ``tinit``, ``tfinal``, ``deltaT`` and ``total_step``
+        with ``adalora_core.validate_schedule`` (budgets ``init_r`` and ``target_r`` per matrix).
 
-        With ``require_total_step`` a missing ``total_step`` is an error that names the fix
-        (set it, or train with ``AdaLoraCallback``).
+        ``total_step=None`` passes unless ``require_total_step``, in which case the error names
+        the fix (set it, or train with ``AdaLoraCallback``).
         """
-        if self.total_step is None:
-            if require_total_step:
-                raise ValueError(
-                    "total_step is None: set config.total_step to the number of optimizer steps "
-                    "of the run, or train with transformers.Trainer and AdaLoraCallback, which "
-                    "fills it in from max_steps."
-                )
-            return
-        if not _is_int(self.total_step) or self.total_step <= 0:
-            raise ValueError(
-                f"total_step must be a positive integer (optimizer steps), got {self.total_step!r}."
-            )
-        if self.tinit >= self.total_step - self.tfinal:
-            raise ValueError(
-                f"tinit ({self.tinit}) must be smaller than total_step - tfinal "
-                f"({self.total_step} - {self.tfinal} = {self.total_step - self.tfinal}) so that "
-                "the budget has steps to decrease in: lower tinit or tfinal, or raise total_step."
-            )
+        total_step = self.total_step
+        if total_step is not None and not _is_int(total_step):
+            raise ValueError(f"total_step must be an integer, got {total_step!r}.")
+        if require_total_step:
+            total_step = adalora_core.require_total_step(total_step)
+        adalora_core.validate_schedule(
+            init_budget=self.init_r,
+            target_budget=self.target_r,
+            tinit=self.tinit,
+            tfinal=self.tfinal,
+            total_step=total_step,
+            deltaT=self.deltaT,
+        )
 
     # -- (de)serialisation ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

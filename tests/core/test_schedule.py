@@ -65,9 +65,10 @@ BASE = dict(init_budget=48, target_budget=32, tinit=10, tfinal=20, total_step=10
     [
         (dict(tinit=80), "tinit .* must be smaller than total_step - tfinal"),
         (dict(tfinal=100), "must be smaller than total_step - tfinal"),
-        (dict(target_budget=49), "lower target_r"),
+        (dict(target_budget=49), "lower target_r or raise init_r"),
+        (dict(target_budget=-1), r"set target_r \(and init_r\) to 0 or more"),
         (dict(deltaT=0), "deltaT must be an integer >= 1"),
-        (dict(total_step=0), "total_step must be positive"),
+        (dict(total_step=0), "total_step must be a positive integer"),
         (dict(tinit=-1), "must be >= 0"),
         (dict(tinit=1.5), "tinit must be an integer"),
     ],
