@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adalora_core import AllocatorState, Triplet, budget_schedule, rank_allocator
+from adalora_core import (
+    AllocatorState,
+    Triplet,
+    allocate,
+    budget_schedule,
+    element_score,
+    rank_allocator,
+    triplet_scores,
+    update_importance,
+)
 
 
 def make_params(rng: np.random.Generator, shapes: list[tuple[int, int]], r: int) -> list[Triplet]:
@@ -18,6 +29,19 @@ def make_params(rng: np.random.Generator, shapes: list[tuple[int, int]], r: int)
         Triplet(rng.normal(size=(r, i)), rng.normal(size=(r, 1)), rng.normal(size=(o, r)))
         for o, i in shapes
     ]
+
+
+def assert_same(a: object, b: object) -> None:
+    """``a`` and ``b`` are equal, arrays bitwise, through tuples, lists and named tuples."""
+    if isinstance(a, np.ndarray):
+        assert isinstance(b, np.ndarray) and a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+    elif isinstance(a, (tuple, list)):
+        assert type(a) is type(b) and len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y)
+    else:
+        assert a == b
 
 
 @st.composite
@@ -56,8 +80,12 @@ def test_phases_budgets_and_no_mutation(run: dict) -> None:
     for step in range(kw["total_step"] + 2):
         grads = make_params(rng, shapes, r)
         before = state
+        pristine = copy.deepcopy((state, params, grads))
         state = alloc.update(state, step, params, grads)
-        assert before.step == step - 1  # the old state is untouched
+        # nothing the caller passed changed: the old state, the params, the gradients
+        assert_same(before, pristine[0])
+        assert_same(params, pristine[1])
+        assert_same(grads, pristine[2])
         assert state.step == step
         kept = sum(int(m.sum()) for m in state.masks)
         if step >= final:
@@ -81,20 +109,49 @@ def test_phases_budgets_and_no_mutation(run: dict) -> None:
 
 
 def test_importance_stops_at_final_phase_and_final_uses_last_emas() -> None:
+    shapes, r, beta = [(3, 2), (2, 3)], 3, 0.85
     rng = np.random.default_rng(0)
     alloc = rank_allocator(target_r=1, tinit=0, tfinal=2, total_step=6, deltaT=100)
-    params = make_params(rng, [(3, 2), (2, 3)], 3)
+    params = make_params(rng, shapes, r)
     state = alloc.init(params)
     for step in range(4):
-        state = alloc.update(state, step, params, make_params(rng, [(3, 2), (2, 3)], 3))
-    assert not state.apply  # deltaT=100: no masking in the budgeting phase
-    emas = state.ema_sensitivity
-    state = alloc.update(state, 4, params, make_params(rng, [(3, 2), (2, 3)], 3))
-    assert state.finalized and [int(m.sum()) for m in state.masks] != []
-    assert sum(int(m.sum()) for m in state.masks) == 2
-    assert emas  # final allocation happened from the EMAs of steps 0..3
-    after = alloc.update(state, 5, params, make_params(rng, [(3, 2), (2, 3)], 3))
-    assert after.apply and all((a == b).all() for a, b in zip(after.masks, state.masks))
+        state = alloc.update(state, step, params, make_params(rng, shapes, r))
+    assert not state.apply and not state.finalized  # deltaT=100: no masking while budgeting
+
+    def scores(ema_s: Sequence[Triplet], ema_u: Sequence[Triplet]) -> list[np.ndarray]:
+        return [
+            triplet_scores(*(element_score(s, u) for s, u in zip(ts, tu)))
+            for ts, tu in zip(ema_s, ema_u)
+        ]
+
+    # the final allocation (step 4 = total_step - tfinal) keeps the best target_r * 2 triplets
+    # by the EMAs of steps 0..3
+    expected = allocate(scores(state.ema_sensitivity, state.ema_uncertainty), 2)
+    # step 4's gradients are huge on exactly the triplets that lose: folded into the EMAs, they
+    # would win
+    grads = [
+        Triplet(1e6 * ~m[:, None] * p.A, 1e6 * ~m[:, None] * p.E, 1e6 * ~m[None, :] * p.B)
+        for m, p in zip(expected, params)
+    ]
+    folded = [
+        [update_importance(s, u, x, g, beta, beta) for s, u, x, g in zip(ts, tu, p, gr)]
+        for ts, tu, p, gr in zip(state.ema_sensitivity, state.ema_uncertainty, params, grads)
+    ]
+    wrong = allocate(
+        scores(
+            [Triplet(*(su[0] for su in m)) for m in folded],
+            [Triplet(*(su[1] for su in m)) for m in folded],
+        ),
+        2,
+    )
+    assert any((a != b).any() for a, b in zip(wrong, expected))  # the case tells them apart
+    final = alloc.update(state, 4, params, grads)
+    assert final.finalized and final.apply and final.budget == 2
+    assert [m.tolist() for m in final.masks] == [m.tolist() for m in expected]
+    assert final.ema_sensitivity == () and final.ema_uncertainty == ()
+    # after it, gradients change nothing: the final masks stay
+    after = alloc.update(final, 5, params, make_params(rng, shapes, r))
+    assert after.apply and [m.tolist() for m in after.masks] == [m.tolist() for m in expected]
 
 
 def test_all_zero_gradients_keep_exact_budget() -> None:
