@@ -67,8 +67,18 @@ def test_adapter_saved_here_loads_in_peft(kind, make_base, tiny, schedule, tmp_p
     assert not any(".default" in k or "ranknum" in k for k in tensors)
     for key, mask in pattern.items():
         module = "base_model.model." + key.removesuffix(".lora_E")
-        assert tensors[module + ".lora_A"].shape[0] == sum(mask) < len(mask) or all(mask)
-        assert tensors[module + ".lora_B"].shape[1] == sum(mask)
+        assert tensors[module + ".lora_A"].shape == (
+            sum(mask),
+            tensors[module + ".lora_A"].shape[1],
+        )
+        assert tensors[module + ".lora_E"].shape == (sum(mask), 1)
+        assert tensors[module + ".lora_B"].shape == (
+            tensors[module + ".lora_B"].shape[0],
+            sum(mask),
+        )
+    # the run ended at the target budget, so the file is smaller than the initial ranks
+    assert sum(map(sum, pattern.values())) == kw["target_r"] * len(pattern)
+    assert sum(map(sum, pattern.values())) < kw["init_r"] * len(pattern)
 
     theirs = _peft_from_pretrained(make_base(kind), tmp_path)
     batch = family.batch(99)

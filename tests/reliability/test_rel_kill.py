@@ -25,6 +25,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from adalora_core import budget_schedule
 from adalora_hf import AdaLoraModel
 
 WORKER = Path(__file__).with_name("rel_worker.py")
@@ -124,8 +125,16 @@ def test_save_killed_half_way(
             AdaLoraModel.from_pretrained(rel.tiny_bert(), adapter)
         return
     assert same, "the previous adapter was changed"
+    # what is left loads, and is the first save: the pattern of step 5 (mid-budgeting, more
+    # triplets than the target the second save reached) and weights that change the outputs
     loaded = AdaLoraModel.from_pretrained(rel.tiny_bert(), adapter)
-    reference = AdaLoraModel.from_pretrained(rel.tiny_bert(), v1)
+    kept = sum(map(sum, loaded.peft_config["default"].rank_pattern.values()))
+    budget, _ = budget_schedule(
+        5, init_budget=16, target_budget=8, tinit=TINIT, tfinal=3, total_step=12, deltaT=1
+    )
+    assert kept == budget > 8
     inputs = {k: v for k, v in rel.batch(7).items() if k != "labels"}
     with torch.no_grad():
-        torch.testing.assert_close(loaded(**inputs).logits, reference(**inputs).logits)
+        assert not torch.allclose(
+            loaded(**inputs).logits, rel.tiny_bert().eval()(**inputs).logits, atol=1e-4
+        )
