@@ -11,7 +11,13 @@ ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"```python\n(.*?)```", re.DOTALL)
 # documents whose every ```python block must run (blocks marked "# notest" are skipped),
 # relative to the repository root
-RUNNABLE = ["README.md", "docs/core.md", "docs/quickstart.md", "docs/phases.md"]
+RUNNABLE = [
+    "README.md",
+    "docs/core.md",
+    "docs/quickstart.md",
+    "docs/phases.md",
+    "docs/allocator.md",
+]
 
 
 def _blocks(name: str) -> list[str]:

@@ -12,14 +12,8 @@ import pytest
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 BLOCK = re.compile(r"```python\n(.*?)```", re.DOTALL)
-MODULES = [
-    "adalora_hf._config",
-    "adalora_hf._serialization",
-    "adalora_hf._model",
-    "adalora_hf._targets",
-    "adalora_hf._callback",
-    "adalora_hf._peft_model",
-]
+# the modules whose docstrings show an example; each must have at least one
+MODULES = ["adalora_hf._config", "adalora_hf._targets"]
 
 
 def _blocks(name: str) -> list[str]:
@@ -55,4 +49,5 @@ def test_migrating_doc_exists_and_names_the_import_change() -> None:
 @pytest.mark.parametrize("module", MODULES)
 def test_docstring_examples(module: str) -> None:
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0, f"{module} has no docstring example"
     assert result.failed == 0
