@@ -1,4 +1,4 @@
-"""Properties of the importance EMAs and triplet scores (DESIGN.md, "Importance")."""
+"""Properties of the importance EMAs and triplet scores (docs/design.md, "Importance: sensitivity, uncertainty, scores")."""
 
 from __future__ import annotations
 

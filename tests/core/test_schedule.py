@@ -1,4 +1,4 @@
-"""Properties of the budget schedule (DESIGN.md, "Budget schedule")."""
+"""Properties of the budget schedule (docs/design.md, "Budget schedule: three phases")."""
 
 from __future__ import annotations
 

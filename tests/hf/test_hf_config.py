@@ -1,7 +1,7 @@
 """AdaLoraConfig: the documented fields and defaults, validation, adapter_config.json both ways.
 
-Expected defaults come from the documented signature (PEFT v0.8.2 API page,
-shared/seed/000_5063f7761c1f2c6b.txt); file round trips use peft 0.21's own config classes.
+Expected defaults come from the documented signature (PEFT v0.8.2's ``AdaLoraConfig`` API
+reference); file round trips use peft 0.21's own config classes.
 """
 
 from __future__ import annotations

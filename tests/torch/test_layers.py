@@ -1,6 +1,6 @@
 """SVD adapter layers: forward formula, merge, dtypes, dropout, adapters side by side.
 
-Expected values come from the formula of the paper as written in DESIGN.md:
+Expected values come from the forward formula of docs/design.md ("Forward and initialisation"):
 ``y = base(x) + x @ (A ⊙ E)ᵀ @ Bᵀ · scaling / (r₀ + 1e-5)``, computed here independently.
 """
 
