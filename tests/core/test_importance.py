@@ -107,8 +107,8 @@ def test_element_score_is_product() -> None:
     np.testing.assert_array_equal(element_score(np.array([2.0]), np.array([3.0])), [6.0])
 
 
-@pytest.mark.parametrize("beta", [0.0, 1.0, -0.1, 1.5])
-def test_betas_outside_open_interval_fail(beta: float) -> None:
+@pytest.mark.parametrize("beta", [0.0, 1.0, -0.1, 1.5, float("nan"), "0.5", True, None])
+def test_betas_outside_open_interval_or_not_numbers_fail(beta: object) -> None:
     with pytest.raises(ValueError, match="strictly between 0 and 1"):
         validate_betas(beta, 0.85)
     with pytest.raises(ValueError, match="beta2 must lie"):
