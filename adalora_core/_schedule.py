@@ -43,8 +43,7 @@ def validate_schedule(
         )
     if tinit < 0 or tfinal < 0:
         raise ValueError(
-            f"tinit and tfinal must be >= 0 (numbers of steps), got tinit={tinit}, "
-            f"tfinal={tfinal}."
+            f"tinit and tfinal must be >= 0 (numbers of steps), got tinit={tinit}, tfinal={tfinal}."
         )
     if init_budget < 0 or target_budget < 0:
         raise ValueError(
@@ -91,8 +90,9 @@ def require_total_step(total_step: int | None) -> int:
 def validate_betas(beta1: float, beta2: float) -> None:
     """Raise ``ValueError`` unless both EMA coefficients are numbers strictly between 0 and 1."""
     for name, beta in (("beta1", beta1), ("beta2", beta2)):
-        real = isinstance(beta, (int, float, np.integer, np.floating)) and not isinstance(beta, bool)
-        if not real or not (0.0 < float(beta) < 1.0):
+        real = (int, float, np.integer, np.floating)
+        number = isinstance(beta, real) and not isinstance(beta, bool)
+        if not number or not (0.0 < float(beta) < 1.0):
             raise ValueError(f"{name} must lie strictly between 0 and 1 (e.g. 0.85), got {beta!r}.")
 
 

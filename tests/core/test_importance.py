@@ -1,4 +1,5 @@
-"""Properties of the importance EMAs and triplet scores (docs/design.md, "Importance: sensitivity, uncertainty, scores")."""
+"""Properties of the importance EMAs and triplet scores (docs/design.md, "Importance:
+sensitivity, uncertainty, scores")."""
 
 from __future__ import annotations
 
