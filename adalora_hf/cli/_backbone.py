@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ._data import NUM_CLASSES, Split, batches, progress
+from ._data import NUM_CLASSES, Split, batches, progress_bar
 
 __all__ = ["TINY_RECIPE", "Recipe", "default_cache_dir", "pretrained_backbone"]
 
@@ -88,7 +88,7 @@ def _pretrain(recipe: Recipe, data: dict[str, Split], show_progress: bool) -> An
     )
     seeded = batches(data["pretrain"], recipe.pretrain_batch, recipe.pretrain_steps, recipe.seed)
     desc = "pretraining ViT on digits 0-4"
-    for batch in progress(seeded, recipe.pretrain_steps, desc, show_progress):
+    for batch in progress_bar(seeded, recipe.pretrain_steps, desc, show_progress):
         model(pixel_values=batch.x, labels=batch.y).loss.backward()
         optimizer.step()
         scheduler.step()

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["NUM_CLASSES", "Split", "accuracy", "batches", "digits", "progress"]
+__all__ = ["NUM_CLASSES", "Split", "accuracy", "batches", "digits", "progress_bar"]
 
 NUM_CLASSES = 5  # digits 0-4 for pretraining, 5-9 (relabelled 0-4) for adaptation
 
@@ -70,7 +70,7 @@ def accuracy(model: nn.Module, data: Split) -> float:
     return float((logits.argmax(-1) == data.y).float().mean())
 
 
-def progress(iterable: Any, total: int, desc: str, enabled: bool) -> Any:
+def progress_bar(iterable: Any, total: int, desc: str, enabled: bool) -> Any:
     """``iterable`` with a tqdm bar when ``enabled`` and stderr is a terminal."""
     from tqdm.auto import tqdm
 

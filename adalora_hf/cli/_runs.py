@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._data import NUM_CLASSES, Split, accuracy, batches, progress
+from ._data import NUM_CLASSES, Split, accuracy, batches, progress_bar
 from ._inspect import AdapterSummary, read_adapter
 from ._lora import LoRALinear, encoder_linears, target_modules
 
@@ -125,7 +125,8 @@ def _train(
     model.train()
     start = time.perf_counter()
     seeded = batches(data["train"], settings.batch_size, settings.steps, seed + 1)
-    for step, batch in enumerate(progress(seeded, settings.steps, desc, show_progress), start=1):
+    shown = progress_bar(seeded, settings.steps, desc, show_progress)
+    for step, batch in enumerate(shown, start=1):
         out = model(pixel_values=batch.x, labels=batch.y)
         out.loss.backward()  # AdaLoRA: cross-entropy + orth_reg_weight · orthogonal penalty
         optimizer.step()
