@@ -3,7 +3,7 @@
 Two pretrain-then-adapt tasks on data that ships with scikit-learn (nothing is downloaded),
 each over several seeds; the table gives the mean, the standard deviation and every run.
 
-1. ``digits``: the demo's task (``adalora_hf._demo.run_demo``): a tiny ViT pretrained on
+1. ``digits``: the demo's task (``adalora_hf.cli._demo.run_demo``): a tiny ViT pretrained on
    scikit-learn's handwritten digits 0-4, adapted to 5-9 with a new head: AdaLoRA (init_r 8 ->
    target_r 4), LoRA at rank 4, and the head alone.
 2. ``cancer``: scikit-learn's Wisconsin breast-cancer data (569 tumours, 30 measurements,
@@ -61,7 +61,7 @@ class Run:
 
 
 def digits(seed: int, settings: Any) -> list[Run]:
-    from adalora_hf._demo import run_demo
+    from adalora_hf.cli._demo import run_demo
 
     with tempfile.TemporaryDirectory() as out:
         result = run_demo(
@@ -287,7 +287,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="adaptation steps")
     parser.add_argument("--pretrain-steps", type=int, default=1500, help="cancer: pretraining")
     args = parser.parse_args()
-    from adalora_hf._demo import DemoSettings
+    from adalora_hf.cli._runs import DemoSettings
 
     torch.set_num_threads(1)  # tiny matrices; also makes the sums, hence the numbers, portable
     from transformers.utils import logging as hf_logging

@@ -1,4 +1,4 @@
-"""Read a saved AdaLoRA adapter (ours or PEFT's) without loading a model: ranks, sizes, heatmap.
+"""Read a saved AdaLoRA adapter (ours or PEFT's) without loading a model: ranks, sizes, table.
 
 Only ``json`` and ``safetensors`` are used (tensor shapes come from the safetensors header; no
 tensor is loaded), so inspecting needs neither the base model nor torch. PEFT's layout, which
@@ -24,15 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._serialization import CONFIG_NAME, PEFT_PREFIX, WEIGHTS_NAME
+from .._serialization import CONFIG_NAME, PEFT_PREFIX, WEIGHTS_NAME
+from ._module_order import module_key
 
 __all__ = [
     "AdapterError",
     "AdapterSummary",
     "ModuleRank",
     "format_adapter_table",
-    "plot_rank_heatmap",
-    "rank_grid",
     "read_adapter",
 ]
 
@@ -181,7 +180,7 @@ def read_adapter(path: str | Path) -> AdapterSummary:
 
     pattern = _pattern_ranks(config)
     modules = []
-    for name in sorted(parts, key=_module_key):
+    for name in sorted(parts, key=module_key):
         p = parts[name]
         if "A" not in p or "B" not in p or len(p["A"]) != 2 or len(p["B"]) < 2:
             raise AdapterError(f"{weights}: module {name!r} lacks a 2-D lora_A or lora_B.")
@@ -199,17 +198,6 @@ def read_adapter(path: str | Path) -> AdapterSummary:
         other_params=other,
         file_params=sum(math.prod(s) for s in shapes.values()),
     )
-
-
-def _module_key(name: str) -> tuple[list[Any], tuple[int, str]]:
-    # by layer (numerically), then q, k, v, o, MLP in, MLP out within a layer
-    _, kind = _split_layer(name)
-    return _natural_key(name.removesuffix(kind)), _kind_key(kind)
-
-
-def _natural_key(name: str) -> list[Any]:
-    # "layers.10" after "layers.9"
-    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name) if t]
 
 
 def format_adapter_table(summary: AdapterSummary) -> str:
@@ -249,94 +237,3 @@ def format_adapter_table(summary: AdapterSummary) -> str:
         )
     lines.append(f"parameters in {WEIGHTS_NAME}: {summary.file_params:,}")
     return "\n".join(lines)
-
-
-def _split_layer(name: str) -> tuple[str, str]:
-    """``vit.layers.3.attention.q_proj`` -> ("3", "attention.q_proj"); no index -> ("-", name)."""
-    parts = name.split(".")
-    for i in range(len(parts) - 1, -1, -1):
-        if parts[i].isdigit():
-            return parts[i], ".".join(parts[i + 1 :]) or name
-    return "-", name
-
-
-# column order of the heatmap: attention q, k, v, output, then MLP in, MLP out, then the rest
-_KIND_ORDER = (
-    {"q", "q_proj", "query", "query_proj"},
-    {"k", "k_proj", "key", "key_proj"},
-    {"v", "v_proj", "value", "value_proj"},
-    {"o", "o_proj", "out_proj"},
-    {"fc1", "gate_proj", "up_proj", "wi", "wi_0", "wi_1", "w1", "w3", "c_fc", "intermediate"},
-    {"fc2", "down_proj", "wo", "w2", "output"},
-)
-
-
-def _kind_key(kind: str) -> tuple[int, str]:
-    parts = kind.split(".")
-    last = parts[-1]
-    if last == "dense":  # BERT: attention.output.dense, intermediate.dense, output.dense
-        last = "o" if "attention" in parts else parts[0]
-    for i, names in enumerate(_KIND_ORDER):
-        if last in names:
-            return i, kind
-    return len(_KIND_ORDER), kind
-
-
-def rank_grid(
-    ranks: dict[str, int],
-) -> tuple[list[str], list[str], list[list[float]]]:
-    """Arrange ``{module: rank}`` as a layer × module-kind grid (NaN where a cell is absent)."""
-    rows: list[str] = []
-    cols: list[str] = []
-    cells: dict[tuple[str, str], int] = {}
-    for name, rank in ranks.items():
-        layer, kind = _split_layer(name)
-        if layer not in rows:
-            rows.append(layer)
-        if kind not in cols:
-            cols.append(kind)
-        cells[(layer, kind)] = rank
-    rows.sort(key=lambda r: (0, int(r)) if r.isdigit() else (1, 0))
-    cols.sort(key=_kind_key)
-    grid = [[float(cells.get((r, c), math.nan)) for c in cols] for r in rows]
-    return rows, cols, grid
-
-
-def plot_rank_heatmap(
-    ranks: dict[str, int],
-    path: str | Path,
-    *,
-    title: str = "AdaLoRA: final rank per layer and module",
-    init_r: int | None = None,
-) -> Path:
-    """Save a PNG heatmap of ``{module: rank}`` (rows: layer index, columns: module kind)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-    from matplotlib.ticker import MaxNLocator
-
-    rows, cols, grid = rank_grid(ranks)
-    data = np.ma.masked_invalid(np.array(grid, dtype=float))
-    vmax = init_r if init_r is not None else max(1, int(np.nanmax(np.array(grid))))
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(cols), 1.6 + 0.45 * len(rows)))
-    image = ax.imshow(data, cmap="viridis", vmin=0, vmax=vmax, aspect="auto")
-    for i in range(len(rows)):
-        for j in range(len(cols)):
-            if not np.isnan(grid[i][j]):
-                value = int(grid[i][j])
-                colour = "white" if value < 0.6 * vmax else "black"
-                ax.text(j, i, str(value), ha="center", va="center", color=colour, fontsize=9)
-    ax.set_xticks(range(len(cols)), cols, rotation=35, ha="right")
-    ax.set_yticks(range(len(rows)), rows)
-    ax.set_xlabel("module")
-    ax.set_ylabel("layer")
-    ax.set_title(title, fontsize=10)
-    fig.colorbar(image, ax=ax, label="rank (kept triplets)", ticks=MaxNLocator(integer=True))
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

@@ -1,14 +1,5 @@
-"""The ``adalora`` command (also ``python -m adalora_hf``).
-
-``adalora demo``
-    AdaLoRA vs LoRA vs a linear head on a tiny ViT over scikit-learn's digits, offline, in a
-    minute or two on a laptop CPU; writes a PEFT-format adapter and two plots.
-``adalora inspect PATH``
-    Ranks per module, totals, parameter count and a heatmap of any saved AdaLoRA adapter
-    (written here or by PEFT).
-
-Exit codes: 0 on success, 2 for bad arguments or a path that is not an AdaLoRA adapter.
-"""
+"""The ``adalora`` command line: its argument parser, the ``demo`` and ``inspect`` commands and
+``main``, which runs them and returns the exit code."""
 
 from __future__ import annotations
 
@@ -117,10 +108,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _demo_command(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
-    from ._demo import TINY_RECIPE, DemoSettings, Recipe, resolve_device, run_demo
+    from ._backbone import TINY_RECIPE, Recipe
+    from ._demo import resolve_device, run_demo
+    from ._runs import DemoSettings
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars for a 60k-parameter model
 
@@ -178,8 +171,9 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _inspect(args: argparse.Namespace) -> int:
-    from ._inspect import AdapterError, format_adapter_table, plot_rank_heatmap, read_adapter
+def _inspect_command(args: argparse.Namespace) -> int:
+    from ._inspect import AdapterError, format_adapter_table, read_adapter
+    from ._plots import plot_rank_heatmap
 
     try:
         summary = read_adapter(args.path)
@@ -215,12 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # argparse exits 2 on bad arguments, 0 on --help
         return int(exit_.code or 0)
     try:
-        return _demo(args) if args.command == "demo" else _inspect(args)
+        return _demo_command(args) if args.command == "demo" else _inspect_command(args)
     except BrokenPipeError:  # `adalora inspect ... | head`: stop quietly, as Unix tools do
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
