@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import operator
 import os
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -31,15 +30,12 @@ from . import _save_load
 from ._checkpoint import load_allocator_state, save_allocator_state
 from ._config import AdaLoraConfig
 from ._modules_to_save import wrap_modules_to_save, wrappers
+from ._plain_lora import PlainLoraWatch
 from ._plan import Plan, plan_adapter
 from ._serialization import module_masks, pattern_key
 from ._signature import ForwardWithSignature
 
 __all__ = ["AdaLoraModel"]
-
-# Forward calls (training mode, with a loss) after which a run that never calls
-# update_and_allocate is told that AdaLoRA is acting as plain LoRA.
-_PLAIN_LORA_FORWARDS = 10
 
 
 def _layers(model: nn.Module, adapter_name: str | None = None) -> Iterator[tuple[str, Any]]:
@@ -79,7 +75,7 @@ class AdaLoraModel(nn.Module):
         super().__init__()
         self._setup(model)
         self.active_adapters = [adapter_name]
-        self._apply_plan(self._plan(adapter_name, config))
+        self.add_adapter(adapter_name, config)
 
     def _setup(self, model: nn.Module) -> None:
         self.model = model
@@ -89,12 +85,7 @@ class AdaLoraModel(nn.Module):
         self.rankallocator: RankAllocator | None = None
         self._allocator_total_step: int | None = None
         self._adapters_disabled = False
-        # for the "acting as plain LoRA" warning
-        self._allocate_calls = 0
-        self._train_forwards = 0
-        self._param_snapshot: torch.Tensor | None = None
-        self._optimizer_steps_seen = 0
-        self._warned_plain_lora = False
+        self._plain_lora = PlainLoraWatch()  # for the "acting as plain LoRA" warning
         # set by AdaLoraCallback while the Trainer writes a checkpoint (see state_dict)
         self.adapter_only_state_dict = False
 
@@ -133,19 +124,14 @@ class AdaLoraModel(nn.Module):
         Only one adapter can train: a config without ``inference_mode=True`` while another
         adapter trains is a ``ValueError``. Every check runs before the model changes.
         """
-        self._apply_plan(self._plan(adapter_name, config))
-
-    def _plan(self, adapter_name: str, config: AdaLoraConfig) -> Plan:
-        return plan_adapter(
-            self.model,
-            adapter_name,
-            config,
-            existing=self.peft_config,
-            trainable=self.trainable_adapter_name,
+        trainable = self.trainable_adapter_name
+        plan = plan_adapter(
+            self.model, adapter_name, config, existing=self.peft_config, trainable=trainable
         )
+        self._apply_plan(plan)
 
     def _apply_plan(self, plan: Plan) -> None:
-        """Make the changes ``_plan`` validated (nothing here is expected to fail)."""
+        """Make the changes ``plan_adapter`` validated (nothing here is expected to fail)."""
         adapter_name, cfg = plan.adapter_name, plan.cfg
         adapted = inject_adapters(
             self.model,
@@ -257,7 +243,7 @@ class AdaLoraModel(nn.Module):
         loss = getattr(outputs, "loss", None)
         if name is None or not self.training or not isinstance(loss, torch.Tensor):
             return outputs
-        self._note_training_forward()
+        self._plain_lora.training_forward(self.model, name)
         weight = self.peft_config[name].orth_reg_weight
         if weight > 0 and not self._adapters_disabled:
             penalty = orthogonal_penalty(self.model, adapter_name=name)
@@ -269,36 +255,6 @@ class AdaLoraModel(nn.Module):
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """The wrapped model's ``generate`` (language models), adapters active."""
         return self.model.generate(*args, **kwargs)  # type: ignore[operator]
-
-    def _note_training_forward(self) -> None:
-        # Optimizer steps are seen as a change of one small trainable tensor between forward
-        # passes (version counters miss fused optimizers), so gradient accumulation does not
-        # trigger the warning. Checks stop at the first update_and_allocate call.
-        if self._allocate_calls or self._warned_plain_lora:
-            return
-        self._train_forwards += 1
-        name = self.trainable_adapter_name
-        first = next(_layers(self.model, name), None) if name is not None else None
-        if first is not None and name is not None:
-            current = first[1].lora_A[name].detach()
-            before = self._param_snapshot
-            if (
-                before is not None
-                and before.device == current.device
-                and not torch.equal(current, before)
-            ):
-                self._optimizer_steps_seen += 1
-            self._param_snapshot = current.clone()
-        if self._train_forwards >= _PLAIN_LORA_FORWARDS and self._optimizer_steps_seen >= 1:
-            self._warned_plain_lora = True
-            warnings.warn(
-                f"AdaLoRA is acting as plain LoRA: {self._train_forwards} training forward "
-                "passes and no call of update_and_allocate, so no rank is ever reallocated. "
-                "Call model.base_model.update_and_allocate(step) after optimizer.step() (before "
-                "zero_grad()), or add adalora_hf.AdaLoraCallback() to the Trainer's callbacks.",
-                UserWarning,
-                stacklevel=4,
-            )
 
     # -- rank allocation ----------------------------------------------------------------------
     def _trainable(self) -> str:
@@ -374,7 +330,7 @@ class AdaLoraModel(nn.Module):
                 "optimizer.zero_grad() (which removes the gradients it reads). Nothing changed."
             )
         budget, pattern = allocator.update_and_allocate(global_step)
-        self._allocate_calls += 1
+        self._plain_lora.allocated()
         if pattern is None and cfg.rank_pattern is None:
             pattern = allocator.rank_pattern  # restored by rankallocator.load_state_dict
         if pattern is not None:
@@ -515,7 +471,7 @@ class AdaLoraModel(nn.Module):
         pattern = self.rankallocator.rank_pattern
         if pattern is not None:
             cfg.rank_pattern = {pattern_key(m, name): list(v) for m, v in pattern.items()}
-        self._allocate_calls += 1
+        self._plain_lora.allocated()
         return True
 
     # -- saving and loading (PEFT's files: see _save_load and _serialization) ------------------
