@@ -30,6 +30,7 @@ from ._io import write_file_atomic
 __all__ = [
     "CONFIG_NAME",
     "PEFT_PREFIX",
+    "PICKLE_NAME",
     "STAMPED_FIELDS",
     "TRIPLET_KINDS",
     "WEIGHTS_NAME",
@@ -49,7 +50,7 @@ __all__ = [
 CONFIG_NAME = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 WEIGHTS_NAME = "adapter_model.safetensors"
-_PICKLE_NAME = "adapter_model.bin"
+PICKLE_NAME = "adapter_model.bin"  # PEFT's pickled weights: never loaded, named in errors
 STAMP_KEY = "adalora_config"
 # an adapter layer's tensors in the file (``ranknum`` is not saved: it is init_r)
 TRIPLET_KINDS = ("lora_A", "lora_E", "lora_B")
@@ -205,10 +206,10 @@ def read_weights(directory: str) -> tuple[dict[str, torch.Tensor], dict[str, str
     """
     path = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(path):
-        pickled = os.path.join(directory, _PICKLE_NAME)
+        pickled = os.path.join(directory, PICKLE_NAME)
         if os.path.isfile(pickled):
             raise ValueError(
-                f"{directory!r} holds only {_PICKLE_NAME} (pickle), which adalora never loads: "
+                f"{directory!r} holds only {PICKLE_NAME} (pickle), which adalora never loads: "
                 "re-save the adapter with safetensors (PEFT: save_pretrained(..., "
                 "safe_serialization=True), the default), or convert the file if you trust it: "
                 f'python -c "import torch; from safetensors.torch import save_file; '
