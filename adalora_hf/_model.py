@@ -288,13 +288,7 @@ class AdaLoraModel(nn.Module):
         """Update the importance scores, reallocate the rank budget, mask E.
 
         Call it once per optimizer step, after ``optimizer.step()`` and before
-        ``optimizer.zero_grad()`` (the gradients are read)::
-
-            loss = model(**batch).loss
-            loss.backward()
-            optimizer.step()
-            model.base_model.update_and_allocate(i_step)
-            optimizer.zero_grad()
+        ``optimizer.zero_grad()`` (the gradients are read; the class docstring shows the loop).
 
         ``tinit``, ``tfinal`` and ``deltaT`` are handled here (see ``AdaLoraConfig``); steps
         must increase. Each allocation records ``peft_config[adapter].rank_pattern`` in PEFT's
