@@ -8,110 +8,40 @@ Parameter names follow PEFT: the wrapped model is ``self.model`` and an adapted 
 
 from __future__ import annotations
 
-import copy
-import logging
 import operator
 import os
-import re
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from adalora_core import validate_schedule
 from adalora_torch import (
     RankAllocator,
-    SVDAdapter,
     inject_adapters,
     mark_only_adapters_trainable,
     orthogonal_penalty,
 )
 from adalora_torch._distributed import is_rank_zero
-from adalora_torch._inject import PlannedAdapter, name_matches, plan_adapters
+from adalora_torch._layers import iter_svd_layers
 
+from . import _save_load
 from ._checkpoint import load_allocator_state, save_allocator_state
 from ._config import AdaLoraConfig
-from ._io import write_files_atomic
-from ._modules_to_save import ModulesToSaveWrapper
-from ._serialization import (
-    CONFIG_NAME,
-    PEFT_PREFIX,
-    WEIGHTS_NAME,
-    check_config_stamp,
-    module_masks,
-    pattern_key,
-    read_weights,
-    shrink_state_dict,
-    weights_bytes,
-)
+from ._modules_to_save import wrap_modules_to_save, wrappers
+from ._plain_lora import PlainLoraWatch
+from ._plan import Plan, plan_adapter
+from ._serialization import module_masks, pattern_key
 from ._signature import ForwardWithSignature
-from ._targets import default_target_modules
 
 __all__ = ["AdaLoraModel"]
 
-logger = logging.getLogger(__name__)
 
-# ModulesToSaveWrapper's children: PEFT's bias modes save biases found under them too
-_WRAPPER_PARTS = ("original_module", "modules_to_save")
-
-# Forward calls (training mode, with a loss) after which a run that never calls
-# update_and_allocate is told that AdaLoRA is acting as plain LoRA.
-_PLAIN_LORA_FORWARDS = 10
-
-
-def _inside(name: str, prefixes: Sequence[str]) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in prefixes)
-
-
-@dataclass
-class _Plan:
-    """What adding an adapter changes, validated before anything changes (``_plan``)."""
-
-    adapter_name: str
-    cfg: AdaLoraConfig  # this model's copy, target_modules resolved
-    exact: str  # full-match regex of the target names
-    adapters: list[PlannedAdapter]  # the SVD adapters to create, with their shapes
-    save_modules: list[str]  # the modules_to_save modules (wrapped or to wrap)
-
-
-def _pattern_ranks(
-    plan: _Plan, masks: Mapping[str, list[bool]], weights: Mapping[str, torch.Tensor], where: str
-) -> dict[str, int]:
-    """Module -> rank for the modules whose saved tensors are shrunk by ``masks``; raises
-    ``ValueError`` for a pattern that names a module not adapted or does not fit ``init_r``."""
-    planned = {p.name: p for p in plan.adapters}
-    ranks: dict[str, int] = {}
-    for module, mask in masks.items():
-        p = planned.get(module)
-        if p is None:
-            raise ValueError(
-                f"{where}: rank_pattern names {module!r}, which this config does not adapt in "
-                f"this model (adapted: {list(planned)[:4]}...): the pattern belongs to another "
-                f"model or target_modules. Fix rank_pattern or target_modules in {CONFIG_NAME}."
-            )
-        if len(mask) != p.rank:
-            raise ValueError(
-                f"{where}: rank_pattern[{pattern_key(module)!r}] has {len(mask)} entries, but "
-                f"init_r is {p.rank}: the pattern does not fit (one bool per triplet of the "
-                f"adapter at creation). Fix rank_pattern or init_r in {CONFIG_NAME}."
-            )
-        a = weights.get(f"{PEFT_PREFIX}{module}.lora_A")
-        if a is not None and a.dim() == 2 and a.shape[0] == sum(mask) != len(mask):
-            ranks[module] = sum(mask)
-    return ranks
-
-
-def filter_missing_base_keys(result: Any, state_dict: Any, owned: set[str], strict: bool) -> Any:
-    """Drop base-model keys from ``result.missing_keys`` when a non-strict load got adapter
-    entries only (``owned``: the adapter keys of the module loaded into)."""
-    if strict or not state_dict or not set(state_dict) <= owned:
-        return result
-    missing = [k for k in result.missing_keys if k in owned]
-    return type(result)(missing, result.unexpected_keys)
+def _layers(model: nn.Module, adapter_name: str | None = None) -> Iterator[tuple[str, Any]]:
+    # iter_svd_layers, typed loosely: our layers carry more than the SVDAdapter protocol
+    # (set_adapter, merge, disable_adapters, ...)
+    return iter_svd_layers(model, adapter_name)
 
 
 class AdaLoraModel(nn.Module):
@@ -145,7 +75,7 @@ class AdaLoraModel(nn.Module):
         super().__init__()
         self._setup(model)
         self.active_adapters = [adapter_name]
-        self._apply_plan(self._plan(adapter_name, config))
+        self.add_adapter(adapter_name, config)
 
     def _setup(self, model: nn.Module) -> None:
         self.model = model
@@ -155,12 +85,7 @@ class AdaLoraModel(nn.Module):
         self.rankallocator: RankAllocator | None = None
         self._allocator_total_step: int | None = None
         self._adapters_disabled = False
-        # for the "acting as plain LoRA" warning
-        self._allocate_calls = 0
-        self._train_forwards = 0
-        self._param_snapshot: torch.Tensor | None = None
-        self._optimizer_steps_seen = 0
-        self._warned_plain_lora = False
+        self._plain_lora = PlainLoraWatch()  # for the "acting as plain LoRA" warning
         # set by AdaLoraCallback while the Trainer writes a checkpoint (see state_dict)
         self.adapter_only_state_dict = False
 
@@ -193,160 +118,20 @@ class AdaLoraModel(nn.Module):
         return self.active_adapters[0]
 
     # -- building -----------------------------------------------------------------------------
-    def _svd_layers(self, adapter_name: str | None = None) -> list[tuple[str, Any]]:
-        # the adalora_torch layers (SVDLinear, ...), typed loosely: they carry more than the
-        # SVDAdapter protocol (set_adapter, merge, disable_adapters, ...)
-        return [
-            (n, m)
-            for n, m in self.model.named_modules()
-            if isinstance(m, SVDAdapter) and (adapter_name is None or adapter_name in m.lora_A)
-        ]
-
-    def _wrappers(self) -> list[tuple[str, ModulesToSaveWrapper]]:
-        return [
-            (n, m) for n, m in self.model.named_modules() if isinstance(m, ModulesToSaveWrapper)
-        ]
-
-    def _target_names(self, config: AdaLoraConfig) -> list[str]:
-        targets = config.target_modules
-        assert targets is not None
-        skip = [n for n, _ in self._wrappers()]
-        skip += [
-            n
-            for n, _ in self.model.named_modules()
-            if n and config.modules_to_save and name_matches(n, config.modules_to_save)
-        ]
-        svd = [n for n, _ in self._svd_layers()]
-        names = []
-        for name, _ in self.model.named_modules():
-            if not name or _inside(name, skip):
-                continue
-            if any(name.startswith(p + ".") for p in svd):
-                continue  # the insides of an adapter layer
-            if name_matches(name, targets):
-                names.append(name)
-        return names
-
     def add_adapter(self, adapter_name: str, config: AdaLoraConfig) -> None:
         """Add a second (third, ...) adapter; it is not made active (see ``set_adapter``).
 
         Only one adapter can train: a config without ``inference_mode=True`` while another
         adapter trains is a ``ValueError``. Every check runs before the model changes.
         """
-        self._apply_plan(self._plan(adapter_name, config))
-
-    def _plan(
-        self,
-        adapter_name: str,
-        config: AdaLoraConfig,
-        ranks: Mapping[str, int] | None = None,
-        source: str | None = None,
-    ) -> _Plan:
-        """Validate adding ``adapter_name`` and say what would change, touching nothing.
-
-        ``ranks``: module -> rank to create (a shrunk adapter being loaded); others get
-        ``init_r``, and every one keeps ``ranknum = init_r``. ``source``: the directory an
-        adapter is loaded from (named in the error when no module matches).
-        """
-        if not isinstance(config, AdaLoraConfig):
-            raise TypeError(
-                f"config must be an adalora_hf.AdaLoraConfig, got {type(config).__name__}; "
-                "this library implements AdaLoRA only."
-            )
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise ValueError(
-                f"adapter_name must be a non-empty string without '.', got {adapter_name!r} "
-                "(it becomes part of parameter names such as lora_A.<adapter_name>)."
-            )
-        if adapter_name in self.peft_config:
-            raise ValueError(
-                f"Adapter {adapter_name!r} already exists; pick another name or delete_adapter "
-                "it first."
-            )
-        if not config.inference_mode and self.trainable_adapter_name is not None:
-            raise ValueError(
-                f"AdaLoraModel trains one adapter and {self.trainable_adapter_name!r} already "
-                f"trains: add {adapter_name!r} with inference_mode=True, or delete_adapter "
-                f"{self.trainable_adapter_name!r} first."
-            )
-        config.validate()
-        cfg = copy.deepcopy(config)
-        if cfg.target_modules is None:
-            model_type = getattr(getattr(self.model, "config", None), "model_type", None)
-            cfg.target_modules = default_target_modules(model_type)
-        names = self._target_names(cfg)
-        if not names:
-            loading = ""
-            if source is not None:
-                saved_for = (
-                    f", saved for {cfg.base_model_name_or_path!r}"
-                    if cfg.base_model_name_or_path
-                    else ""
-                )
-                loading = (
-                    f" The adapter at {source!r}{saved_for} belongs to another architecture: load "
-                    "it onto the model it was trained on."
-                )
-            raise ValueError(
-                f"No module matches target_modules={cfg.target_modules!r}: list entries match a "
-                "module name or its last components, a string is a full-match regex. Some "
-                f"module names: {[n for n, _ in self.model.named_modules() if n][:12]}.{loading}"
-            )
-        exact = "|".join(re.escape(n) for n in names)
-        adapters = plan_adapters(
-            self.model,
-            exact,
-            adapter_name=adapter_name,
-            rank=cfg.init_r,
-            layers_to_transform=cfg.layers_to_transform,
-            layers_pattern=cfg.layers_pattern,
-            rank_pattern=ranks,
+        trainable = self.trainable_adapter_name
+        plan = plan_adapter(
+            self.model, adapter_name, config, existing=self.peft_config, trainable=trainable
         )
-        plan = _Plan(adapter_name, cfg, exact, adapters, self._plan_modules_to_save(cfg))
-        if not cfg.inference_mode:
-            # what RankAllocator checks, before the model changes
-            init_budget, target_budget = sum(p.rank for p in adapters), cfg.target_r * len(adapters)
-            if ranks and target_budget > init_budget:
-                raise ValueError(
-                    f"target_r={cfg.target_r} asks for {target_budget} triplets over "
-                    f"{len(adapters)} matrices, but the adapter's rank_pattern keeps only "
-                    f"{init_budget}: set target_r to at most {init_budget // len(adapters)} in "
-                    "its config to keep training it, or load it with is_trainable=False."
-                )
-            validate_schedule(
-                init_budget=init_budget,
-                target_budget=target_budget,
-                tinit=cfg.tinit,
-                tfinal=cfg.tfinal,
-                total_step=cfg.total_step or cfg.tinit + cfg.tfinal + 1,
-                deltaT=cfg.deltaT,
-            )
-        return plan
+        self._apply_plan(plan)
 
-    def _plan_modules_to_save(self, cfg: AdaLoraConfig) -> list[str]:
-        """The modules ``cfg.modules_to_save`` copies (existing wrappers or modules to wrap)."""
-        if not cfg.modules_to_save:
-            return []
-        wrappers = [n for n, _ in self._wrappers()]
-        svd = [n for n, _ in self._svd_layers()]
-        chosen: list[str] = []
-        for name, _ in self.model.named_modules():
-            if not name or not name_matches(name, cfg.modules_to_save):
-                continue
-            inside = _inside(name, wrappers) or _inside(name, svd) or _inside(name, chosen)
-            if name in wrappers or not inside:  # an existing wrapper, or a module to wrap
-                chosen.append(name)
-        if not chosen:
-            raise ValueError(
-                f"modules_to_save={cfg.modules_to_save!r} names no module of the model (entries "
-                "match a module name or its last components, outside adapted layers): fix the "
-                "names (e.g. 'classifier', 'score') or leave modules_to_save None. Some module "
-                f"names: {[n for n, _ in self.model.named_modules() if n][:12]}."
-            )
-        return chosen
-
-    def _apply_plan(self, plan: _Plan) -> None:
-        """Make the changes ``_plan`` validated (nothing here is expected to fail)."""
+    def _apply_plan(self, plan: Plan) -> None:
+        """Make the changes ``plan_adapter`` validated (nothing here is expected to fail)."""
         adapter_name, cfg = plan.adapter_name, plan.cfg
         adapted = inject_adapters(
             self.model,
@@ -371,10 +156,16 @@ class AdaLoraModel(nn.Module):
         elif self.trainable_adapter_name is None:
             self.model.requires_grad_(False)  # nothing trains
         else:
-            for _, layer in self._svd_layers(adapter_name):
+            for _, layer in _layers(self.model, adapter_name):
                 for d in (layer.lora_A, layer.lora_E, layer.lora_B):
                     d[adapter_name].requires_grad_(False)
-        self._wrap_modules_to_save(adapter_name, cfg, plan.save_modules)
+        wrap_modules_to_save(
+            self.model,
+            adapter_name,
+            plan.save_modules,
+            trainable=not cfg.inference_mode,
+            activate=adapter_name in self.active_adapters,
+        )
         if not cfg.inference_mode:
             self.trainable_adapter_name = adapter_name
             self.rankallocator = RankAllocator(
@@ -390,21 +181,6 @@ class AdaLoraModel(nn.Module):
             )
             self._allocator_total_step = cfg.total_step
 
-    def _wrap_modules_to_save(
-        self, adapter_name: str, cfg: AdaLoraConfig, names: list[str]
-    ) -> None:
-        trainable = not cfg.inference_mode
-        wrappers = dict(self._wrappers())
-        for name in names:
-            wrapper = wrappers.get(name)
-            if wrapper is None:
-                parent, _, child = name.rpartition(".")
-                wrapper = ModulesToSaveWrapper(self.model.get_submodule(name))
-                setattr(self.model.get_submodule(parent), child, wrapper)
-            wrapper.add_adapter(adapter_name, trainable)
-            if adapter_name in self.active_adapters:
-                wrapper.set_adapter(adapter_name)
-
     # -- adapters -----------------------------------------------------------------------------
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         """Make ``adapter_name`` (or a list of names) the active adapter(s)."""
@@ -415,9 +191,9 @@ class AdaLoraModel(nn.Module):
                 f"Unknown adapters {unknown or names}; this model has {list(self.peft_config)}."
             )
         self.active_adapters = names
-        for _, layer in self._svd_layers():
+        for _, layer in _layers(self.model):
             layer.set_adapter([a for a in names if a in layer.lora_A])
-        for _, wrapper in self._wrappers():
+        for _, wrapper in wrappers(self.model):
             wrapper.set_adapter(next((a for a in names if a in wrapper.modules_to_save), None))
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -426,9 +202,9 @@ class AdaLoraModel(nn.Module):
             raise ValueError(
                 f"No adapter {adapter_name!r}; this model has {list(self.peft_config)}."
             )
-        for _, layer in self._svd_layers(adapter_name):
+        for _, layer in _layers(self.model, adapter_name):
             layer.delete_adapter(adapter_name)
-        for _, wrapper in self._wrappers():
+        for _, wrapper in wrappers(self.model):
             wrapper.delete_adapter(adapter_name)
         del self.peft_config[adapter_name]
         if adapter_name == self.trainable_adapter_name:
@@ -445,7 +221,7 @@ class AdaLoraModel(nn.Module):
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Context manager: run the base model alone (merged adapters are unmerged)."""
-        layers = [m for _, m in self._svd_layers()] + [m for _, m in self._wrappers()]
+        layers = [m for _, m in _layers(self.model)] + [m for _, m in wrappers(self.model)]
         before = [layer.disable_adapters for layer in layers]
         disabled_before = self._adapters_disabled
         try:
@@ -467,7 +243,7 @@ class AdaLoraModel(nn.Module):
         loss = getattr(outputs, "loss", None)
         if name is None or not self.training or not isinstance(loss, torch.Tensor):
             return outputs
-        self._note_training_forward()
+        self._plain_lora.training_forward(self.model, name)
         weight = self.peft_config[name].orth_reg_weight
         if weight > 0 and not self._adapters_disabled:
             penalty = orthogonal_penalty(self.model, adapter_name=name)
@@ -479,36 +255,6 @@ class AdaLoraModel(nn.Module):
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """The wrapped model's ``generate`` (language models), adapters active."""
         return self.model.generate(*args, **kwargs)  # type: ignore[operator]
-
-    def _note_training_forward(self) -> None:
-        # Optimizer steps are seen as a change of one small trainable tensor between forward
-        # passes (version counters miss fused optimizers), so gradient accumulation does not
-        # trigger the warning. Checks stop at the first update_and_allocate call.
-        if self._allocate_calls or self._warned_plain_lora:
-            return
-        self._train_forwards += 1
-        name = self.trainable_adapter_name
-        layers = self._svd_layers(name)
-        if layers and name is not None:
-            current = layers[0][1].lora_A[name].detach()
-            before = self._param_snapshot
-            if (
-                before is not None
-                and before.device == current.device
-                and not torch.equal(current, before)
-            ):
-                self._optimizer_steps_seen += 1
-            self._param_snapshot = current.clone()
-        if self._train_forwards >= _PLAIN_LORA_FORWARDS and self._optimizer_steps_seen >= 1:
-            self._warned_plain_lora = True
-            warnings.warn(
-                f"AdaLoRA is acting as plain LoRA: {self._train_forwards} training forward "
-                "passes and no call of update_and_allocate, so no rank is ever reallocated. "
-                "Call model.base_model.update_and_allocate(step) after optimizer.step() (before "
-                "zero_grad()), or add adalora_hf.AdaLoraCallback() to the Trainer's callbacks.",
-                UserWarning,
-                stacklevel=4,
-            )
 
     # -- rank allocation ----------------------------------------------------------------------
     def _trainable(self) -> str:
@@ -542,13 +288,7 @@ class AdaLoraModel(nn.Module):
         """Update the importance scores, reallocate the rank budget, mask E.
 
         Call it once per optimizer step, after ``optimizer.step()`` and before
-        ``optimizer.zero_grad()`` (the gradients are read)::
-
-            loss = model(**batch).loss
-            loss.backward()
-            optimizer.step()
-            model.base_model.update_and_allocate(i_step)
-            optimizer.zero_grad()
+        ``optimizer.zero_grad()`` (the gradients are read; the class docstring shows the loop).
 
         ``tinit``, ``tfinal`` and ``deltaT`` are handled here (see ``AdaLoraConfig``); steps
         must increase. Each allocation records ``peft_config[adapter].rank_pattern`` in PEFT's
@@ -584,7 +324,7 @@ class AdaLoraModel(nn.Module):
                 "optimizer.zero_grad() (which removes the gradients it reads). Nothing changed."
             )
         budget, pattern = allocator.update_and_allocate(global_step)
-        self._allocate_calls += 1
+        self._plain_lora.allocated()
         if pattern is None and cfg.rank_pattern is None:
             pattern = allocator.rank_pattern  # restored by rankallocator.load_state_dict
         if pattern is not None:
@@ -593,14 +333,11 @@ class AdaLoraModel(nn.Module):
 
     def _has_gradient(self, adapter_name: str) -> bool:
         # lazy: stops at the first adapter parameter with a gradient (normally in layer 0)
-        for m in self.model.modules():
-            if "lora_A" not in m._modules or not isinstance(m, SVDAdapter):
-                continue
-            if adapter_name in m.lora_A and any(
-                d[adapter_name].grad is not None for d in (m.lora_A, m.lora_E, m.lora_B)
-            ):
-                return True
-        return False
+        return any(
+            d[adapter_name].grad is not None
+            for _, m in _layers(self.model, adapter_name)
+            for d in (m.lora_A, m.lora_E, m.lora_B)
+        )
 
     @property
     def rank_pattern(self) -> dict[str, list[bool]] | None:
@@ -615,7 +352,7 @@ class AdaLoraModel(nn.Module):
         name = adapter_name or self.trainable_adapter_name or self.active_adapter
         masks = module_masks(self.peft_config[name].rank_pattern, name)
         total = 0
-        for path, layer in self._svd_layers(name):
+        for path, layer in _layers(self.model, name):
             rank = int(layer.lora_E[name].shape[0])
             mask = masks.get(path)
             total += sum(mask) if mask is not None and len(mask) == rank else rank
@@ -624,7 +361,7 @@ class AdaLoraModel(nn.Module):
     # -- merging ------------------------------------------------------------------------------
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Add the adapters' ``ΔW`` (default: the active ones) into the base weights."""
-        for _, layer in self._svd_layers():
+        for _, layer in _layers(self.model):
             names = self.active_adapters if adapter_names is None else adapter_names
             layer.merge(
                 safe_merge=safe_merge, adapter_names=[n for n in names if n in layer.lora_A]
@@ -632,7 +369,7 @@ class AdaLoraModel(nn.Module):
 
     def unmerge(self) -> None:
         """Subtract every merged adapter from the base weights."""
-        for _, layer in self._svd_layers():
+        for _, layer in _layers(self.model):
             layer.unmerge()
 
     merge_adapter = merge
@@ -641,10 +378,10 @@ class AdaLoraModel(nn.Module):
     def _unload(self, merge: bool, safe_merge: bool, adapter_names: list[str] | None) -> nn.Module:
         if merge:
             self.merge(adapter_names=adapter_names, safe_merge=safe_merge)
-        for path, layer in self._svd_layers():
+        for path, layer in _layers(self.model):
             parent, _, child = path.rpartition(".")
             setattr(self.model.get_submodule(parent), child, layer.base_layer)
-        for path, wrapper in self._wrappers():
+        for path, wrapper in wrappers(self.model):
             parent, _, child = path.rpartition(".")
             setattr(self.model.get_submodule(parent), child, wrapper.current())
         return self.model
@@ -685,15 +422,7 @@ class AdaLoraModel(nn.Module):
         """Keys of ``state_dict()`` that belong to the adapters rather than the base model:
         every adapter's ``lora_A``/``lora_E``/``lora_B``/``ranknum``, the ``modules_to_save``
         copies and any other trainable parameter (the ``bias`` mode's biases)."""
-        keys: set[str] = set()
-        for path, layer in self._svd_layers():
-            for kind in ("lora_A", "lora_E", "lora_B", "ranknum"):
-                keys.update(f"model.{path}.{kind}.{name}" for name in getattr(layer, kind))
-        for path, wrapper in self._wrappers():
-            for name, copy_ in wrapper.modules_to_save.items():
-                keys.update(f"model.{path}.modules_to_save.{name}.{k}" for k in copy_.state_dict())
-        keys.update(n for n, p in self.named_parameters() if p.requires_grad)
-        return keys
+        return _save_load.adapter_state_keys(self)
 
     def state_dict(self, *args: Any, **kwargs: Any) -> Any:
         """``nn.Module.state_dict`` (PEFT's keys); while ``adapter_only_state_dict`` is set
@@ -711,7 +440,8 @@ class AdaLoraModel(nn.Module):
         """``nn.Module.load_state_dict``; a non-strict load of adapter entries only (a Trainer
         checkpoint) does not report the base model's keys as missing."""
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
-        return filter_missing_base_keys(result, state_dict, self.adapter_state_keys(), strict)
+        owned = self.adapter_state_keys()
+        return _save_load.filter_missing_base_keys(result, state_dict, owned, strict)
 
     def save_allocator_state(self, directory: str | os.PathLike[str]) -> None:
         """Write the rank allocator's state (importance EMAs, step, pattern) into
@@ -735,50 +465,15 @@ class AdaLoraModel(nn.Module):
         pattern = self.rankallocator.rank_pattern
         if pattern is not None:
             cfg.rank_pattern = {pattern_key(m, name): list(v) for m, v in pattern.items()}
-        self._allocate_calls += 1
+        self._plain_lora.allocated()
         return True
 
-    # -- saving and loading -------------------------------------------------------------------
+    # -- saving and loading (PEFT's files: see _save_load and _serialization) ------------------
     def adapter_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
         """The tensors PEFT saves for an adapter, under PEFT's file keys, shrunk by its
         rank pattern: ``base_model.model.<path>.lora_A|lora_E|lora_B``, the ``bias`` mode's
         biases and the ``modules_to_save`` copies (``base_model.model.<module>.<param>``)."""
-        if adapter_name not in self.peft_config:
-            raise ValueError(
-                f"No adapter {adapter_name!r}; this model has {list(self.peft_config)}."
-            )
-        cfg = self.peft_config[adapter_name]
-        state: dict[str, torch.Tensor] = {}
-        wrapper_paths = [n for n, _ in self._wrappers()]
-        for path, layer in self._svd_layers(adapter_name):
-            for kind in ("lora_A", "lora_E", "lora_B"):
-                state[f"{PEFT_PREFIX}{path}.{kind}"] = getattr(layer, kind)[adapter_name].detach()
-            bias = getattr(layer.base_layer, "bias", None)
-            if cfg.bias == "lora_only" and isinstance(bias, torch.Tensor):
-                state[f"{PEFT_PREFIX}{path}.base_layer.bias"] = bias.detach()
-        if cfg.bias == "all":
-            for pname, p in self.model.named_parameters():
-                if (pname == "bias" or pname.endswith(".bias")) and not _inside(
-                    pname, wrapper_paths
-                ):
-                    state[f"{PEFT_PREFIX}{pname}"] = p.detach()
-        for path, wrapper in self._wrappers():
-            if adapter_name in wrapper.modules_to_save:
-                for k, v in wrapper.modules_to_save[adapter_name].state_dict().items():
-                    state[f"{PEFT_PREFIX}{path}.{k}"] = v.detach()
-        return shrink_state_dict(state, module_masks(cfg.rank_pattern, adapter_name))
-
-    def _config_to_save(self, adapter_name: str) -> AdaLoraConfig:
-        cfg = copy.deepcopy(self.peft_config[adapter_name])
-        masks = module_masks(cfg.rank_pattern, adapter_name)
-        cfg.rank_pattern = {pattern_key(m): v for m, v in masks.items()} if masks else None
-        cfg.inference_mode = True
-        if cfg.base_model_name_or_path is None:
-            cfg.base_model_name_or_path = self.model.__dict__.get("name_or_path") or None
-        if cfg.task_type is None:
-            cls = type(self.model)
-            cfg.auto_mapping = {"base_model_class": cls.__name__, "parent_library": cls.__module__}
-        return cfg
+        return _save_load.adapter_state_dict(self, adapter_name)
 
     def save_pretrained(
         self,
@@ -801,34 +496,7 @@ class AdaLoraModel(nn.Module):
         """
         if not (is_main_process and is_rank_zero()):  # under torch.distributed: rank 0 writes
             return
-        save_directory = os.fspath(save_directory)
-        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
-        unknown = [n for n in names if n not in self.peft_config]
-        if unknown:
-            raise ValueError(
-                f"selected_adapters names unknown adapters {unknown}; this model has "
-                f"{list(self.peft_config)}."
-            )
-        names.sort(key=lambda n: n != "default")  # the top directory first
-        outs = [
-            save_directory if n == "default" else os.path.join(save_directory, n) for n in names
-        ]
-        for out in outs:
-            if os.path.exists(out) and not os.path.isdir(out):
-                raise ValueError(f"{out!r} is a file; pass a directory to save the adapter into.")
-        contents: list[dict[str, bytes]] = []
-        for name in names:  # everything serialised before the first byte is written
-            cfg = self._config_to_save(name)
-            if cfg.total_step is None:
-                logger.warning(
-                    "Saving adapter %r with total_step=None: peft.PeftModel.from_pretrained "
-                    "refuses AdaLoRA configs without total_step (adalora loads them).",
-                    name,
-                )
-            blob = weights_bytes(self.adapter_state_dict(name), cfg.to_dict())
-            contents.append({WEIGHTS_NAME: blob, CONFIG_NAME: cfg.to_json_bytes()})
-        for out, files in zip(outs, contents):
-            write_files_atomic(out, files)
+        _save_load.save_adapters(self, os.fspath(save_directory), selected_adapters)
 
     def load_adapter(
         self,
@@ -846,151 +514,11 @@ class AdaLoraModel(nn.Module):
         the file (no key missing or extra, shapes, dtypes, finite values). On any error the
         model is exactly as before (docs/errors.md lists the errors).
         """
-        path = os.fspath(model_id)
-        if os.path.isfile(path):
-            raise ValueError(
-                f"{path!r} is a file: pass the adapter's directory (the one holding "
-                f"{CONFIG_NAME} and {WEIGHTS_NAME})."
-            )
-        config = AdaLoraConfig.from_pretrained(path)
-        config.inference_mode = not is_trainable
-        weights, metadata = read_weights(path)
-        check_config_stamp(metadata, config.to_dict(), path)
-        masks = module_masks(config.rank_pattern, adapter_name)
-        plan = self._plan(adapter_name, config, source=path)
-        ranks = _pattern_ranks(plan, masks, weights, path)
-        if ranks:
-            plan = self._plan(adapter_name, config, ranks, source=path)
-        self._check_weights(plan, weights, masks, path)
+        plan, weights = _save_load.prepare_load(self, model_id, adapter_name, is_trainable)
         self._apply_plan(plan)
-        self._load_weights(plan, weights)
+        _save_load.load_weights(self.model, plan, weights)
         if not is_trainable:
             self.eval()
-
-    def _bias_keys(self, plan: _Plan) -> dict[str, tuple[int, ...]]:
-        """File keys (and shapes) of the biases the ``bias`` mode saves, named as they will be
-        once ``plan`` is applied (a new adapter layer puts its base under ``base_layer``)."""
-        mode = plan.cfg.bias
-        if mode == "none":
-            return {}
-        new = {p.name for p in plan.adapters if not isinstance(p.module, SVDAdapter)}
-        adapted = {p.name for p in plan.adapters}
-        wrapped = [n for n, _ in self._wrappers()] + plan.save_modules
-        out: dict[str, tuple[int, ...]] = {}
-        for pname, param in self.model.named_parameters():
-            if not (pname == "bias" or pname.endswith(".bias")) or _inside(pname, wrapped):
-                continue
-            owner = pname.rpartition(".")[0]
-            if owner in new:
-                owner += ".base_layer"
-            layer = owner.removesuffix(".base_layer") if owner.endswith(".base_layer") else None
-            if mode == "lora_only" and layer not in adapted:
-                continue
-            out[f"{PEFT_PREFIX}{owner}.bias"] = tuple(param.shape)
-        return out
-
-    def _check_weights(
-        self,
-        plan: _Plan,
-        weights: Mapping[str, torch.Tensor],
-        masks: Mapping[str, list[bool]],
-        where: str,
-    ) -> None:
-        """Every tensor of the file against what ``plan`` creates: keys, shapes, dtypes,
-        finite values. Raises ``ValueError`` saying what does not fit."""
-        init_r = plan.cfg.init_r
-        saved_for = plan.cfg.base_model_name_or_path
-        origin = f" (it was saved for {saved_for!r})" if saved_for else ""
-        required: dict[str, tuple[int, ...]] = {}
-        lora_rank: dict[str, str] = {}
-        for p in plan.adapters:
-            for kind, shape in (
-                ("lora_A", (p.rank, p.a_cols)),
-                ("lora_E", (p.rank, 1)),
-                ("lora_B", (p.b_rows, p.rank)),
-            ):
-                key = f"{PEFT_PREFIX}{p.name}.{kind}"
-                required[key] = shape
-                mask = masks.get(p.name)
-                shrunk = mask is not None and sum(mask) != init_r
-                lora_rank[key] = f"rank init_r={init_r}" + (
-                    f", or {sum(mask or [])} as kept by rank_pattern" if shrunk else ""
-                )
-        wrappers = dict(self._wrappers())
-        for name in plan.save_modules:
-            module = wrappers[name].original_module if name in wrappers else None
-            module = module or self.model.get_submodule(name)
-            for k, v in module.state_dict().items():
-                required[f"{PEFT_PREFIX}{name}.{k}"] = tuple(v.shape)
-        optional = self._bias_keys(plan)
-        missing = [k for k in required if k not in weights]
-        extra = [k for k in weights if k not in required and k not in optional]
-        if plan.cfg.bias != "none":  # PEFT's bias modes also save the wrappers' insides
-            inner = [f"{PEFT_PREFIX}{n}.{p}." for n in plan.save_modules for p in _WRAPPER_PARTS]
-            extra = [k for k in extra if not k.startswith(tuple(inner))]
-        hint = ""
-        if extra and not any(k.startswith(PEFT_PREFIX) for k in extra):
-            hint = f" (in PEFT's format every key starts with {PEFT_PREFIX!r})"
-        if missing:
-            also = (
-                f"; it has {len(extra)} tensors this model has no place for{hint}" if extra else ""
-            )
-            raise ValueError(
-                f"{where}: the adapter file lacks {len(missing)} tensors of adapter "
-                f"{plan.adapter_name!r}, e.g. {missing[:3]}{also}: it was saved for another "
-                f"base model or target_modules{origin}. Load it onto the model it was trained on."
-            )
-        if extra:
-            raise ValueError(
-                f"{where}: the adapter file has {len(extra)} tensors that adapter_config.json "
-                f"does not account for, e.g. {extra[:3]}{hint}: the file and the config do not "
-                f"belong together, or the adapter was saved for another base model{origin}. "
-                "Save the adapter again."
-            )
-        for key, value in weights.items():
-            expected = required.get(key, optional.get(key))
-            if expected is None:
-                continue  # ignored (see above)
-            if tuple(value.shape) != expected:
-                rank = f" ({lora_rank[key]})" if key in lora_rank else ""
-                raise ValueError(
-                    f"{where}: {key} has shape {tuple(value.shape)} in the file, this model needs "
-                    f"{expected}{rank}: the adapter belongs to another base model, init_r or "
-                    f"rank_pattern{origin}."
-                )
-            if not value.dtype.is_floating_point:
-                raise ValueError(
-                    f"{where}: {key} has dtype {value.dtype} in the file; adapter tensors are "
-                    "floating point: the file is not an adapter saved by PEFT or adalora."
-                )
-            if not bool(torch.isfinite(value).all()):
-                raise ValueError(
-                    f"{where}: {key} holds NaN or inf: the adapter diverged or the file is "
-                    "corrupted; load a checkpoint from before the divergence."
-                )
-
-    def _load_weights(self, plan: _Plan, weights: Mapping[str, torch.Tensor]) -> None:
-        adapter_name = plan.adapter_name
-        targets: dict[str, torch.Tensor] = {}
-        for path, layer in self._svd_layers(adapter_name):
-            for kind in ("lora_A", "lora_E", "lora_B"):
-                targets[f"{PEFT_PREFIX}{path}.{kind}"] = getattr(layer, kind)[adapter_name]
-        for path, wrapper in self._wrappers():
-            if adapter_name in wrapper.modules_to_save:
-                for k, v in (
-                    wrapper.modules_to_save[adapter_name].state_dict(keep_vars=True).items()
-                ):
-                    targets[f"{PEFT_PREFIX}{path}.{k}"] = v
-        params = dict(self.model.named_parameters())
-        for key in weights:
-            if key not in targets:  # a bias of the bias mode (checked by _check_weights)
-                param = params.get(key[len(PEFT_PREFIX) :])
-                if param is not None:  # else PEFT's copy of a wrapper's inside: not loaded
-                    targets[key] = param
-        with torch.no_grad():
-            for key, dst in targets.items():
-                value = weights[key]
-                dst.copy_(value.to(dst.device, dst.dtype))
 
     @classmethod
     def from_pretrained(

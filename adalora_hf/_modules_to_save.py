@@ -2,7 +2,7 @@
 
 The wrapper keeps PEFT's attribute names, so parameter names line up with PEFT's:
 ``<module>.original_module.<param>`` (frozen) and ``<module>.modules_to_save.<adapter>.<param>``
-(the trained copy). On disk the copy is stored as ``base_model.model.<module>.<param>``.
+(the trained copy). ``adalora_hf._serialization`` says how the copy is stored on disk.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["ModulesToSaveWrapper"]
+__all__ = ["ModulesToSaveWrapper", "wrap_modules_to_save", "wrappers"]
 
 
 class ModulesToSaveWrapper(nn.Module):
@@ -61,3 +61,25 @@ class ModulesToSaveWrapper(nn.Module):
             if name in ("original_module", "modules_to_save"):
                 raise
             return getattr(self.current(), name)
+
+
+def wrappers(model: nn.Module) -> list[tuple[str, ModulesToSaveWrapper]]:
+    """``(name, wrapper)`` for every ``ModulesToSaveWrapper`` in ``model``, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+
+
+def wrap_modules_to_save(
+    model: nn.Module, adapter_name: str, names: list[str], *, trainable: bool, activate: bool
+) -> None:
+    """Give ``adapter_name`` a copy of each module in ``names`` (wrapping it first unless it
+    already is a wrapper), trainable or frozen; ``activate``: make the copies run."""
+    existing = dict(wrappers(model))
+    for name in names:
+        wrapper = existing.get(name)
+        if wrapper is None:
+            parent, _, child = name.rpartition(".")
+            wrapper = ModulesToSaveWrapper(model.get_submodule(name))
+            setattr(model.get_submodule(parent), child, wrapper)
+        wrapper.add_adapter(adapter_name, trainable)
+        if activate:
+            wrapper.set_adapter(adapter_name)

@@ -14,7 +14,8 @@ from typing import Any
 from torch import nn
 
 from ._config import AdaLoraConfig
-from ._model import AdaLoraModel, filter_missing_base_keys
+from ._model import AdaLoraModel
+from ._save_load import filter_missing_base_keys
 from ._signature import ForwardWithSignature
 
 __all__ = ["AdaLoraPeftModel", "get_peft_model"]

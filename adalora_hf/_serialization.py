@@ -6,6 +6,12 @@ and without ``ranknum`` (it is always ``init_r``). When the config has a ``rank_
 tensors are shrunk to the kept triplets (rows of A and E, columns of B), as PEFT's
 ``resize_state_dict_by_rank_pattern`` does. ``rank_pattern`` keys are ``<path>.lora_E`` on
 disk and ``<path>.lora_E.<adapter>`` in a live PEFT model; both forms are accepted here.
+
+This is the one module that knows PEFT's file and key names: the rest of the package names
+tensors by their path in the transformers model (``<path>.lora_A``, ``<module>.<param>``) and
+turns them into file keys with ``file_key`` / ``triplet_key`` (``_save_load`` saves and loads
+adapters with them; ``to_peft_keys`` does it for ``adalora_torch.to_lora_state_dict``'s export).
+See docs/design.md for the format.
 """
 
 from __future__ import annotations
@@ -24,23 +30,30 @@ from ._io import write_file_atomic
 __all__ = [
     "CONFIG_NAME",
     "PEFT_PREFIX",
+    "PICKLE_NAME",
     "STAMPED_FIELDS",
+    "TRIPLET_KINDS",
     "WEIGHTS_NAME",
     "check_config_stamp",
+    "file_key",
     "load_weights",
     "module_masks",
     "pattern_key",
     "read_weights",
     "save_weights",
     "shrink_state_dict",
+    "to_peft_keys",
+    "triplet_key",
     "weights_bytes",
 ]
 
 CONFIG_NAME = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 WEIGHTS_NAME = "adapter_model.safetensors"
-_PICKLE_NAME = "adapter_model.bin"
+PICKLE_NAME = "adapter_model.bin"  # PEFT's pickled weights: never loaded, named in errors
 STAMP_KEY = "adalora_config"
+# an adapter layer's tensors in the file (``ranknum`` is not saved: it is init_r)
+TRIPLET_KINDS = ("lora_A", "lora_E", "lora_B")
 # config fields that give the saved tensors their meaning (copied into the weights' metadata)
 STAMPED_FIELDS = (
     "peft_type",
@@ -54,6 +67,26 @@ STAMPED_FIELDS = (
     "layers_pattern",
     "rank_pattern",
 )
+
+
+def file_key(name: str) -> str:
+    """The file key of the tensor at ``name`` in the transformers model (``<module>.<param>``)."""
+    return f"{PEFT_PREFIX}{name}"
+
+
+def triplet_key(module: str, kind: str) -> str:
+    """The file key of an adapter layer's ``kind`` (one of ``TRIPLET_KINDS``) at ``module``."""
+    return file_key(f"{module}.{kind}")
+
+
+def to_peft_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` (keys relative to the transformers model, as ``adalora_torch.to_lora_state_dict``
+    returns them) under the keys of PEFT's ``adapter_model.safetensors``.
+
+    >>> list(to_peft_keys({"encoder.q.lora_A.weight": torch.zeros(1)}))
+    ['base_model.model.encoder.q.lora_A.weight']
+    """
+    return {file_key(k): v for k, v in state.items()}
 
 
 def pattern_key(module: str, adapter_name: str | None = None) -> str:
@@ -92,7 +125,7 @@ def shrink_state_dict(
     for module, mask in masks.items():
         keep = torch.tensor(list(mask), dtype=torch.bool)
         n_keep = int(keep.sum())
-        for name, dim in (("lora_A", 0), ("lora_E", 0), ("lora_B", 1)):
+        for name, dim in zip(TRIPLET_KINDS, (0, 0, 1)):
             key = f"{prefix}{module}.{name}"
             if key not in out:
                 raise ValueError(f"rank_pattern names {module!r} but the adapter has no {key!r}.")
@@ -173,10 +206,10 @@ def read_weights(directory: str) -> tuple[dict[str, torch.Tensor], dict[str, str
     """
     path = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(path):
-        pickled = os.path.join(directory, _PICKLE_NAME)
+        pickled = os.path.join(directory, PICKLE_NAME)
         if os.path.isfile(pickled):
             raise ValueError(
-                f"{directory!r} holds only {_PICKLE_NAME} (pickle), which adalora never loads: "
+                f"{directory!r} holds only {PICKLE_NAME} (pickle), which adalora never loads: "
                 "re-save the adapter with safetensors (PEFT: save_pretrained(..., "
                 "safe_serialization=True), the default), or convert the file if you trust it: "
                 f'python -c "import torch; from safetensors.torch import save_file; '

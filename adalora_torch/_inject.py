@@ -269,10 +269,9 @@ def mark_only_adapters_trainable(
         for n, p in model.named_parameters():
             if n == "bias" or n.endswith(".bias"):
                 p.requires_grad_(True)
-    for _, m in iter_svd_layers(model):
-        if adapter_name in m.lora_A:
-            for d in (m.lora_A, m.lora_E, m.lora_B):
-                d[adapter_name].requires_grad_(True)
-            base_bias = getattr(m.base_layer, "bias", None)
-            if bias == "lora_only" and isinstance(base_bias, nn.Parameter):
-                base_bias.requires_grad_(True)
+    for _, m in iter_svd_layers(model, adapter_name):
+        for d in (m.lora_A, m.lora_E, m.lora_B):
+            d[adapter_name].requires_grad_(True)
+        base_bias = getattr(m.base_layer, "bias", None)
+        if bias == "lora_only" and isinstance(base_bias, nn.Parameter):
+            base_bias.requires_grad_(True)

@@ -102,16 +102,18 @@ def shrink_to_pattern(
 def to_lora_state_dict(
     model: nn.Module, adapter_name: str = "default"
 ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """Export ``adapter_name`` as a plain LoRA adapter in PEFT's file format.
+    """Export ``adapter_name`` as a plain LoRA adapter.
 
     For each SVD layer with k kept triplets (its ``keep`` mask, else all):
     ``lora_A = A[keep]`` ``(k, in)`` and ``lora_B = B[:, keep] · E[keep]ᵀ · scaling /
-    (r₀ + 1e-5)`` ``(out, k)``, so ``lora_B @ lora_A`` is the layer's ``ΔW``. Keys are
-    ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` (Conv2d: A reshaped to
-    ``(k, in, kh, kw)``, B to ``(out, k, 1, 1)``; Embedding: ``.lora_embedding_A`` /
-    ``.lora_embedding_B``). Returns the tensors and the rank pattern ``{module: k}``: a PEFT
-    ``LoraConfig`` with ``rank_pattern`` and ``alpha_pattern`` both set to it (scaling 1)
-    reproduces the model. Layers with k = 0 carry no update and are left out of both.
+    (r₀ + 1e-5)`` ``(out, k)``, so ``lora_B @ lora_A`` is the layer's ``ΔW``. Keys are relative
+    to ``model``: ``<module>.lora_A.weight`` / ``<module>.lora_B.weight`` (Conv2d: A reshaped
+    to ``(k, in, kh, kw)``, B to ``(out, k, 1, 1)``; Embedding: ``<module>.lora_embedding_A`` /
+    ``<module>.lora_embedding_B``), the names of PEFT's LoRA layers under the module; a file
+    in PEFT's format has its keys prefixed (``adalora_hf._serialization.to_peft_keys``).
+    Returns the tensors and the rank pattern ``{module: k}``: a PEFT ``LoraConfig`` with
+    ``rank_pattern`` and ``alpha_pattern`` both set to it (scaling 1) reproduces the model.
+    Layers with k = 0 carry no update and are left out of both.
     """
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
@@ -134,7 +136,7 @@ def to_lora_state_dict(
         scale = getattr(layer, "scaling", {}).get(adapter_name, 1.0)
         new_a = a[mask].clone()  # (k, in)
         new_b = b[:, mask] * e[mask].T * scale / (layer.ranknum[adapter_name].detach() + 1e-5)
-        prefix = f"base_model.model.{name}."
+        prefix = f"{name}."
         if isinstance(layer, SVDEmbedding):
             tensors[prefix + "lora_embedding_A"] = new_a.contiguous()
             tensors[prefix + "lora_embedding_B"] = new_b.contiguous()

@@ -85,7 +85,7 @@ def test_trainer_with_callback_ends_at_the_target_budget(make_base, tmp_path, wr
     allocator = adalora.rankallocator
     assert allocator is not None and allocator.finalized
     assert allocator.step == MAX_STEPS  # steps 1..max_steps, once per optimizer step
-    assert adalora._allocate_calls == MAX_STEPS
+    assert adalora._plain_lora.allocations == MAX_STEPS
     n_matrices = len(_kept_per_layer(adalora))
     target = 2 * n_matrices
     assert sum(_kept_per_layer(adalora)) == target == adalora.total_rank()

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from adalora_hf._serialization import to_peft_keys
 from adalora_torch import (
     SVDAdapter,
     inject_adapters,
@@ -143,14 +144,24 @@ def test_lora_export_reproduces_the_delta(adapted):
     allocate(model)
     tensors, ranks = to_lora_state_dict(model)
     assert ranks == {n: sum(m) for n, m in MASKS.items() if sum(m) > 0}
+    # keys relative to the model, PEFT's LoRA layer names under each module
+    assert set(tensors) == {
+        f"{n}.{kind}"
+        for n in ranks
+        for kind in (
+            ("lora_embedding_A", "lora_embedding_B")
+            if n == "embed"
+            else ("lora_A.weight", "lora_B.weight")
+        )
+    }
     q = model.layers[0].q
-    a = tensors["base_model.model.layers.0.q.lora_A.weight"]
-    b = tensors["base_model.model.layers.0.q.lora_B.weight"]
+    a = tensors["layers.0.q.lora_A.weight"]
+    b = tensors["layers.0.q.lora_B.weight"]
     assert a.shape == (2, 8) and b.shape == (8, 2)
     x = torch.randn(3, 8)
     torch.testing.assert_close(x @ a.T @ b.T, x @ q.get_delta_weight("default").T)
-    emb_a = tensors["base_model.model.embed.lora_embedding_A"]
-    emb_b = tensors["base_model.model.embed.lora_embedding_B"]
+    emb_a = tensors["embed.lora_embedding_A"]
+    emb_b = tensors["embed.lora_embedding_B"]
     torch.testing.assert_close((emb_b @ emb_a).T, model.embed.get_delta_weight("default"))
 
 
@@ -178,7 +189,7 @@ def load_into_peft_lora(base, tensors, ranks, **config_kwargs):
         **config_kwargs,
     )
     lora = peft.get_peft_model(base, config)
-    result = peft.set_peft_model_state_dict(lora, tensors)
+    result = peft.set_peft_model_state_dict(lora, to_peft_keys(tensors))
     assert not result.unexpected_keys
     return lora
 
@@ -209,7 +220,7 @@ def test_lora_export_of_conv2d_and_conv1d_loads_into_peft():
                 m.lora_E["default"][1] = 0.0
     x = torch.randn(2, 3, 6, 6)
     tensors, ranks = to_lora_state_dict(model)
-    assert tensors["base_model.model.conv.lora_A.weight"].shape == (2, 3, 3, 3)
-    assert tensors["base_model.model.conv.lora_B.weight"].shape == (4, 2, 1, 1)
+    assert tensors["conv.lora_A.weight"].shape == (2, 3, 3, 3)
+    assert tensors["conv.lora_B.weight"].shape == (4, 2, 1, 1)
     lora = load_into_peft_lora(base, tensors, ranks, fan_in_fan_out=True)
     torch.testing.assert_close(lora(x), model(x), rtol=1e-5, atol=1e-6)
