@@ -16,7 +16,7 @@ from typing import Any, Literal
 import adalora_core
 
 from ._io import interrupted_save_hint, write_file_atomic
-from ._serialization import CONFIG_NAME
+from ._serialization import CONFIG_NAME, WEIGHTS_NAME
 
 __all__ = ["AdaLoraConfig"]
 
@@ -398,7 +398,7 @@ def _not_found(path: str) -> str:
         return (
             f"{path!r} has no {CONFIG_NAME} but a config.json: it looks like a transformers model "
             "directory, not an adapter. Load the base model from it and pass the adapter's "
-            "directory (the one with adapter_config.json and adapter_model.safetensors) here."
+            f"directory (the one with {CONFIG_NAME} and {WEIGHTS_NAME}) here."
         )
     return (
         f"No {CONFIG_NAME} at {path!r}: pass the directory written by save_pretrained "

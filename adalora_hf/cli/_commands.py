@@ -10,6 +10,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from .._serialization import CONFIG_NAME, WEIGHTS_NAME
+
 __all__ = ["main"]
 
 
@@ -98,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser(
         "inspect",
         help="ranks, totals and a heatmap of a saved AdaLoRA adapter (ours or PEFT's)",
-        description="Read adapter_config.json and adapter_model.safetensors from PATH and "
+        description=f"Read {CONFIG_NAME} and {WEIGHTS_NAME} from PATH and "
         "print the rank of every adapted matrix, the totals and the parameter count.",
     )
     inspect.add_argument("path", type=Path, metavar="PATH", help="adapter directory")

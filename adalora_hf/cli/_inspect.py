@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._serialization import CONFIG_NAME, PEFT_PREFIX, WEIGHTS_NAME
+from .._serialization import CONFIG_NAME, PEFT_PREFIX, PICKLE_NAME, WEIGHTS_NAME
 from ._module_order import module_key
 
 __all__ = [
@@ -159,9 +159,9 @@ def read_adapter(path: str | Path) -> AdapterSummary:
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
         hint = (
-            " (it has adapter_model.bin, a pickle, which is not read here: re-save the adapter "
+            f" (it has {PICKLE_NAME}, a pickle, which is not read here: re-save the adapter "
             "with safe_serialization=True)"
-            if (path / "adapter_model.bin").exists()
+            if (path / PICKLE_NAME).exists()
             else ""
         )
         raise AdapterError(f"{path} has {CONFIG_NAME} but no {WEIGHTS_NAME}{hint}.")
