@@ -75,14 +75,22 @@ def _checked_masks(
         raise ValueError(
             "Pass the keep-masks either as masks= or in config.rank_pattern, not both."
         )
-    out = {m: [bool(b) for b in np.asarray(k).reshape(-1)] for m, k in masks.items()}
+    out = {}
+    for module, keep in masks.items():
+        array = np.asarray(keep)
+        if array.dtype != bool:
+            raise ValueError(
+                f"The keep-mask of {module!r} has dtype {array.dtype}: pass bools "
+                "(True = triplet kept), e.g. adalora_core's state.masks."
+            )
+        out[module] = [bool(b) for b in array.reshape(-1)]
     unknown = sorted(set(out) - set(modules))
     if unknown:
         raise ValueError(f"The rank pattern names modules that have no arrays: {unknown[:5]}.")
-    for module, keep in out.items():
-        if len(keep) != config.init_r:
+    for module, kept in out.items():
+        if len(kept) != config.init_r:
             raise ValueError(
-                f"The rank pattern of {module!r} has {len(keep)} entries but config.init_r is "
+                f"The rank pattern of {module!r} has {len(kept)} entries but config.init_r is "
                 f"{config.init_r}: the masks belong to another init_r or model."
             )
     return out
@@ -110,8 +118,9 @@ def save_adapter_arrays(
     ``.lora_E``, ``.lora_B``, shrunk to the kept triplets) and ``adapter_config.json`` (with
     the ``rank_pattern`` and ``inference_mode=True``), crash-safely as ``save_pretrained``
     does; ``adalora_hf.AdaLoraModel.from_pretrained`` and ``peft.PeftModel.from_pretrained``
-    load them onto the torch model. Raises ``ValueError`` before writing anything when the
-    arrays or masks are inconsistent (shapes, ranks, unknown modules, non-finite values).
+    load them onto the torch model (PEFT also needs ``config.total_step``). Raises
+    ``ValueError`` before writing anything when the arrays or masks are inconsistent (shapes,
+    ranks, dtypes, unknown modules, non-finite values).
     """
     if not isinstance(config, AdaLoraConfig):
         raise ValueError(f"config must be an adalora_hf.AdaLoraConfig, got {type(config)}.")

@@ -111,3 +111,7 @@ def test_masks_twice_or_of_another_length_are_refused(tmp_path: Path) -> None:
         adalora_hf.save_adapter_arrays(
             tmp_path, _arrays(), config=_config(), masks={"fc1": [True, True, False]}
         )
+    with pytest.raises(ValueError, match="has dtype float64: pass bools"):
+        adalora_hf.save_adapter_arrays(
+            tmp_path, _arrays(), config=_config(), masks={"fc1": [1.0, 0.0, 1.0, 1.0]}
+        )
