@@ -96,7 +96,7 @@ def rank_allocator(
 ) -> Allocator:
     """The AdaLoRA allocator as a pair of pure functions.
 
-    Per step (``update``), following DESIGN.md:
+    Per step (``update``), following docs/design.md:
 
     1) ``step < total_step - tfinal``: fold ``|p·g|`` of every A, E, B into the two EMAs
        (skipped, and counted in ``skipped_steps``, if any gradient is non-finite); if the
