@@ -9,12 +9,35 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import nox
 
 nox.options.sessions = ["tests"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = False
+
+PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
+
+
+def _find_pyenv_pythons(versions: list[str]) -> None:
+    """Put pyenv's interpreters for ``versions`` on PATH, ahead of its shims (which answer
+    "command not found" for a version that is installed but not selected). Versions that
+    pyenv lacks stay absent, and nox skips their sessions; without pyenv nothing changes."""
+    root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    found = []
+    for version in versions:
+        candidates = sorted(
+            root.glob(f"{version}.*/bin/python{version}"),
+            key=lambda p: [int(x) if x.isdigit() else -1 for x in p.parts[-3].split(".")],
+        )
+        if candidates:
+            found.append(str(candidates[-1].parent))
+    if found:
+        os.environ["PATH"] = os.pathsep.join([*found, os.environ.get("PATH", "")])
+
+
+_find_pyenv_pythons(PYTHONS)
 
 CONSTRAINTS = ("-c", "constraints.txt")
 PACKAGES = ("adalora_core", "adalora_torch", "adalora_hf")
@@ -57,13 +80,33 @@ def _lint(session: nox.Session) -> None:
     session.run("mypy", "benchmarks")  # scripts: their own run, `_common` found beside them
 
 
-@nox.session(python="3.11")
-@nox.parametrize("numpy", ["1.26.4", "2.4.6"])
+# the numpy release each core session installs, per major version and Python: numpy 2.3+
+# needs Python 3.11, and numpy 1.x has no wheels for Python 3.13
+CORE_NUMPY = {
+    "1": {"3.10": "1.26.4", "3.11": "1.26.4", "3.12": "1.26.4"},
+    "2": {"3.10": "2.2.6", "3.11": "2.4.6", "3.12": "2.4.6", "3.13": "2.4.6"},
+}
+
+
+@nox.session(python=PYTHONS)
+@nox.parametrize("numpy", list(CORE_NUMPY))
 def core(session: nox.Session, numpy: str) -> None:
-    """The NumPy core alone (no torch installed) across numpy 1.x and 2.x."""
-    session.install(f"numpy=={numpy}", "pytest", "hypothesis")
+    """The NumPy core alone (no torch installed) across numpy 1.x and 2.x, Python 3.10-3.13
+    (each interpreter where present)."""
+    version = CORE_NUMPY[numpy].get(str(session.python))
+    if version is None:
+        session.skip(f"numpy {numpy}.x has no release for Python {session.python}")
+    session.install(f"numpy=={version}", "pytest", "hypothesis")
     session.install("--no-deps", "-e", ".")
-    session.run("pytest", "tests/core", "adalora_core")
+    session.run("pytest", "tests/core", "adalora_core", "tests/jax")  # tests/jax: skips cleanly
+
+
+@nox.session(python="3.11")
+def jax(session: nox.Session) -> None:
+    """The JAX tests: the core called from JAX, save_adapter_arrays, and docs/jax.md run end to
+    end (trained in JAX, served in torch; slow tests included)."""
+    _install(session, "test,jax")
+    session.run("pytest", "tests/jax", *session.posargs, env={"OMP_NUM_THREADS": "1"})
 
 
 @nox.session(python="3.11")

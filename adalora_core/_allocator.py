@@ -48,9 +48,40 @@ class Allocator(NamedTuple):
     update: Callable[[AllocatorState, int, Sequence[Triplet], Sequence[Triplet]], AllocatorState]
 
 
-def _as_triplet(t: Sequence[np.ndarray]) -> Triplet:
-    a, e, b = (np.asarray(x) for x in t)
+def _as_array(x: object, what: str) -> np.ndarray:
+    # any array-like (NumPy, JAX, ...) as a NumPy array of a real floating dtype; JAX's
+    # bfloat16 (an ml_dtypes type NumPy does not count as floating) widens exactly to float32
+    a = np.asarray(x)
+    if a.dtype.name == "bfloat16":
+        return a.astype(np.float32)
+    if a.dtype.kind != "f":
+        raise ValueError(
+            f"{what} has dtype {a.dtype}: pass floating arrays (float16, bfloat16, float32 or "
+            "float64), the parameters and gradients themselves."
+        )
+    return a
+
+
+def _as_triplet(t: Sequence[object], what: str) -> Triplet:
+    """``t`` as a ``Triplet`` of NumPy arrays shaped A ``(r, in)``, E ``(r,)`` or ``(r, 1)``,
+    B ``(out, r)``; ``ValueError`` naming ``what`` otherwise."""
+    if len(t) != 3:
+        raise ValueError(f"{what} must be a Triplet (A, E, B), got {len(t)} arrays.")
+    a, e, b = (_as_array(x, f"{what}.{n}") for x, n in zip(t, "AEB"))
+    r = a.shape[0] if a.ndim == 2 else -1
+    if a.ndim != 2 or b.ndim != 2 or b.shape[1] != r or e.shape not in ((r,), (r, 1)):
+        raise ValueError(
+            f"{what} has shapes A {a.shape}, E {e.shape}, B {b.shape}: expected A (r, in), "
+            "E (r,) or (r, 1) and B (out, r) with one rank r."
+        )
     return Triplet(a, e, b)
+
+
+def _check_shapes(got: Triplet, want: Triplet, what: str, of: str) -> None:
+    if any(x.shape != y.shape for x, y in zip(got, want)):
+        shapes = ", ".join(f"{n} {x.shape}" for n, x in zip("AEB", got))
+        expected = ", ".join(f"{n} {y.shape}" for n, y in zip("AEB", want))
+        raise ValueError(f"{what} has shapes {shapes} but {of} has {expected}.")
 
 
 def rank_allocator(
@@ -96,7 +127,7 @@ def rank_allocator(
         return init_budget, target_r * len(masks)
 
     def init(params: Sequence[Triplet]) -> AllocatorState:
-        params = [_as_triplet(p) for p in params]
+        params = [_as_triplet(p, f"params[{m}]") for m, p in enumerate(params)]
         if not params:
             raise ValueError("rank_allocator.init needs at least one adapted matrix.")
         masks = tuple(np.ones(p.E.reshape(-1).shape[0], dtype=bool) for p in params)
@@ -150,13 +181,16 @@ def rank_allocator(
         # 3) after the final allocation: keep re-applying the recorded pattern
         if state.finalized:
             return state._replace(step=step, budget=target_budget, apply=True)
-        params = [_as_triplet(p) for p in params]
-        grads = [_as_triplet(g) for g in grads]
         if len(params) != len(state.masks) or len(grads) != len(state.masks):
             raise ValueError(
                 f"expected {len(state.masks)} matrices, got {len(params)} params and "
                 f"{len(grads)} grads."
             )
+        params = [_as_triplet(p, f"params[{m}]") for m, p in enumerate(params)]
+        grads = [_as_triplet(g, f"grads[{m}]") for m, g in enumerate(grads)]
+        for m, (p, g, ema_p) in enumerate(zip(params, grads, state.ema_sensitivity)):
+            _check_shapes(p, ema_p, f"params[{m}]", "the matrix given to init")
+            _check_shapes(g, p, f"grads[{m}]", f"params[{m}]")
         ema_s, ema_u, skipped = state.ema_sensitivity, state.ema_uncertainty, state.skipped_steps
         # 1) importance, only before the final phase
         if step < final_step:

@@ -9,6 +9,7 @@ and load in either library. ``AdaLoraCallback`` runs the rank allocation in
 ``transformers.Trainer``.
 """
 
+from ._arrays import save_adapter_arrays as save_adapter_arrays
 from ._callback import AdaLoraCallback as AdaLoraCallback
 from ._config import AdaLoraConfig as AdaLoraConfig
 from ._model import AdaLoraModel as AdaLoraModel
@@ -29,4 +30,5 @@ __all__ = [
     "PeftModel",
     "default_target_modules",
     "get_peft_model",
+    "save_adapter_arrays",
 ]
