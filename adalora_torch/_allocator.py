@@ -306,7 +306,7 @@ class RankAllocator:
         for module, layer in zip(self._names, self._layers):
             try:
                 out.append((layer.lora_A[name], layer.lora_E[name], layer.lora_B[name]))
-            except KeyError:
+            except (KeyError, AttributeError):  # ParameterDict raises the latter
                 raise ValueError(
                     f"{module}: adapter {name!r} was removed from this layer; build a new "
                     "RankAllocator for the adapters the model has now."
@@ -345,10 +345,15 @@ class RankAllocator:
             for bucket, sens in zip(self._buckets, work):
                 bucket.update(sens, finite)
 
-    def _allocate(self, budget: int, step: int, triplets: list[Triplet]) -> dict[str, list[bool]]:
+    def _triplet_scores(self) -> np.ndarray:
+        """``S`` of every triplet, all matrices in model order (one device-to-host copy each)."""
         scores = np.zeros(self.init_budget, dtype=np.float64)
-        for bucket in self._buckets:  # one device-to-host copy per bucket
+        for bucket in self._buckets:
             scores[bucket.score_pos] = bucket.scores().to("cpu", torch.float64).numpy()
+        return scores
+
+    def _allocate(self, budget: int, step: int, triplets: list[Triplet]) -> dict[str, list[bool]]:
+        scores = self._triplet_scores()
         if np.isnan(scores).any():
             bad = [n for n, (a, b) in zip(self._names, self._bounds) if np.isnan(scores[a:b]).any()]
             raise ValueError(
@@ -420,6 +425,7 @@ class RankAllocator:
                 )
         if self._skipped_dev is not None:  # the device counter, read once per rebuild
             self._skipped += int(self._skipped_dev.item())
+            self._skipped_dev.zero_()
         by_device: dict[tuple[torch.device, bool], list[int]] = {}
         for m, (_, e, _) in enumerate(triplets):
             by_device.setdefault((e.device, is_sharded(e)), []).append(m)

@@ -1,4 +1,5 @@
-"""Checkpoints written by an older allocator load and resume exactly.
+"""RankAllocator checkpoints: ``state_dict`` / ``load_state_dict`` resume exactly, refuse
+what does not fit, and load the files an older allocator wrote.
 
 ``tests/torch/data/allocator_v1.pt`` (``torch.save(state_dict())``) and
 ``tests/torch/data/allocator_v1/`` (``adalora_hf._checkpoint.save_allocator_state``) were
@@ -12,6 +13,8 @@ files (only ever with a deliberately changed format).
 
 from __future__ import annotations
 
+import copy
+import io
 import json
 import math
 import sys
@@ -141,6 +144,113 @@ def test_old_state_round_trips_unchanged() -> None:
                 assert torch.equal(new[key][name], t), (key, name)
         else:
             assert new[key] == old[key], key
+
+
+# -- state_dict / load_state_dict on fresh runs -------------------------------------------------
+KW = dict(target_r=2, tinit=2, tfinal=3, total_step=14, deltaT=2)
+
+
+def _run(stop: int, model: nn.Module | None = None) -> tuple[nn.Module, RankAllocator]:
+    """``golden_model`` stepped by an allocator with ``KW`` through step ``stop``."""
+    model = golden_model() if model is None else model
+    alloc = RankAllocator(model, **KW)
+    for step in range(stop + 1):
+        set_grads(model, step)
+        alloc.update_and_allocate(step)
+    return model, alloc
+
+
+@pytest.mark.parametrize("stop", [1, 6, 12])  # warm-up, budgeting, final phase
+def test_state_dict_resumes_exactly(stop: int) -> None:
+    model, alloc = _run(stop)
+    buffer = io.BytesIO()
+    torch.save(alloc.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed_model = golden_model()
+    resumed_model.load_state_dict(model.state_dict())
+    resumed = RankAllocator(resumed_model, **{**KW, "total_step": None})  # taken from the state
+    resumed.load_state_dict(saved)
+    assert (resumed.step, resumed.budget, resumed.total_step) == (alloc.step, alloc.budget, 14)
+    assert resumed.rank_pattern == alloc.rank_pattern and resumed.finalized == alloc.finalized
+    for m, a in ((model, alloc), (resumed_model, resumed)):
+        for step in range(stop + 1, 17):
+            set_grads(m, step)
+            a.update_and_allocate(step)
+    for (name, ta), tb in zip(model.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.equal(ta, tb), name
+    sa, sb = alloc.state_dict(), resumed.state_dict()
+    assert sa["rank_pattern"] == sb["rank_pattern"] and sa["keep"] == sb["keep"]
+
+
+def test_state_dict_is_plain_and_safetensors_ready() -> None:
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    sd = _run(4)[1].state_dict()
+    for key in ("ema_sensitivity", "ema_uncertainty"):
+        back = safetensors_torch.load(safetensors_torch.save(sd[key]))
+        assert back.keys() == sd[key].keys()
+        assert all(torch.equal(back[k], sd[key][k]) for k in back)
+    assert sd["ema_sensitivity"]["2.lora_B"].shape == (3, 4)
+    plain = {k: v for k, v in sd.items() if not k.startswith("ema_")}
+    assert all(not isinstance(v, torch.Tensor) for v in plain.values())
+
+
+def _edit(sd: dict[str, Any], change: str) -> dict[str, Any]:
+    sd = copy.deepcopy(sd)
+    if change == "format":
+        sd["format"] = "something else"
+    elif change == "adapter":
+        sd["adapter_name"] = "other"
+    elif change == "config":
+        sd["config"]["tinit"] = 1
+    elif change == "missing_key":
+        del sd["keep"]
+    elif change == "ema_shape":
+        sd["ema_uncertainty"]["1.lora_A"] = torch.zeros(3, 5)
+    elif change == "ema_missing":
+        del sd["ema_sensitivity"]["0.lora_E"]
+    elif change == "ema_nan":
+        sd["ema_sensitivity"]["2.lora_B"][0, 0] = math.nan
+    return sd
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ("format", "Not a RankAllocator state"),
+        ("adapter", "adapter 'other'"),
+        ("config", "other allocator settings"),
+        ("missing_key", "lacks"),
+        ("ema_shape", r"1\.lora_A.*shape \(4, 6\)"),
+        ("ema_missing", r"0\.lora_E"),
+        ("ema_nan", r"2\.lora_B.*NaN"),
+    ],
+)
+def test_load_state_dict_rejects_mismatches(change: str, match: str) -> None:
+    sd = _run(0)[1].state_dict()
+    fresh = RankAllocator(golden_model(), **KW)
+    with pytest.raises(ValueError, match=match):
+        fresh.load_state_dict(_edit(sd, change))
+    after, untouched = fresh.state_dict(), RankAllocator(golden_model(), **KW).state_dict()
+    for key in ("ema_sensitivity", "ema_uncertainty"):  # unchanged
+        assert all(torch.equal(t, untouched[key][k]) for k, t in after.pop(key).items())
+        del untouched[key]
+    assert after == untouched
+
+
+@pytest.mark.parametrize(
+    ("targets", "ranks"),
+    [(["0", "1"], {}), (["0", "1", "2"], {"1": 3})],
+    ids=["fewer", "other_rank"],
+)
+def test_load_state_dict_rejects_other_models(targets: list[str], ranks: dict[str, int]) -> None:
+    sd = RankAllocator(golden_model(), **KW).state_dict()
+    model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3))
+    inject_adapters(model, targets, rank=4, rank_pattern=ranks)
+    other = RankAllocator(model, **{**KW, "target_r": 1})
+    sd["config"]["target_r"] = 1
+    with pytest.raises(ValueError, match="other adapted modules or ranks"):
+        other.load_state_dict(sd)
 
 
 if __name__ == "__main__":
