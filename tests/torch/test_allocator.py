@@ -8,7 +8,6 @@ tests at the end compare with ``peft.tuners.adalora`` itself.
 from __future__ import annotations
 
 import copy
-import io
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
