@@ -66,11 +66,12 @@ def _keep_dict(layer: Any) -> dict[str, torch.Tensor]:
     return keep
 
 
-def _key(triplets: list[Triplet]) -> list[tuple[Any, ...]]:
-    # what the buffers depend on, per matrix: shapes, dtypes, devices, FSDP2 placements
+def _key(triplets: list[Triplet], sharded: bool) -> list[tuple[Any, ...]]:
+    # what the buffers depend on, per matrix: shapes, dtypes, devices, tensor types (a DTensor
+    # under FSDP2) and, once sharded, the placements
     return [
         (a.shape, e.shape, b.shape, a.dtype, e.dtype, b.dtype, a.device, e.device, b.device)
-        + ((tuple(e.placements),) if is_sharded(e) else ())  # type: ignore[attr-defined]
+        + ((type(e),) if not sharded else (type(e), tuple(e.placements)))  # type: ignore[attr-defined]
         for a, e, b in triplets
     ]
 
@@ -178,6 +179,7 @@ class RankAllocator:
         self._buckets: list[Bucket | ShardedBucket] = []
         self._skipped_dev: torch.Tensor | None = None
         self._key: list[tuple[Any, ...]] | None = None  # what the buckets were built for
+        self._sharded = False  # any FSDP2 (DTensor) bucket
         self._rebuild(self._read(), ema=None)
 
     # -- configuration ------------------------------------------------------------------------
@@ -261,16 +263,20 @@ class RankAllocator:
         final = total_step - self.tfinal
         triplets = self._read()
         grads: list[tuple[Any, Any, Any]] = []
+        missing: list[int] = []
         if step < final and not self._finalized:
             grads = [(a.grad, e.grad, b.grad) for a, e, b in triplets]
-            if all(g is None for gs in grads for g in gs):
+            missing = [
+                m for m, (x, y, z) in enumerate(grads) if x is None or y is None or z is None
+            ]
+            if len(missing) == len(grads) and all(g is None for gs in grads for g in gs):
                 raise ValueError(
                     f"update_and_allocate({step}) found no gradient on any parameter of "
                     f"adapter {self.adapter_name!r}: call it after loss.backward() and "
                     "optimizer.step(), before optimizer.zero_grad() (which removes the "
                     "gradients it reads). Nothing changed."
                 )
-        key = _key(triplets)
+        key = _key(triplets, self._sharded)
         if key != self._key:
             self._rebuild(triplets, ema=self._export_ema())
         # 3) final phase: keep the recorded pattern
@@ -291,7 +297,7 @@ class RankAllocator:
                 deltaT=self.deltaT,
             )
             # 1) importance, only before the final allocation
-            self._update_importance(triplets, grads)
+            self._update_importance(triplets, grads, missing)
         pattern = self._allocate(budget, step, triplets) if mask_now else None
         self._step, self._budget = step, budget
         if step >= final:  # 2) the final allocation: the importance state goes
@@ -301,21 +307,30 @@ class RankAllocator:
         return budget, pattern
 
     def _read(self) -> list[Triplet]:
-        """``(A, E, B)`` of every tracked layer, as the layers hold them now."""
+        """``(A, E, B)`` of every tracked layer, as the layers hold them now (plain dict
+        look-ups: ``ParameterDict[name]`` costs microseconds, hundreds of times a step)."""
         name, out = self.adapter_name, []
         for module, layer in zip(self._names, self._layers):
+            mods = layer._modules  # type: ignore[attr-defined]
             try:
-                out.append((layer.lora_A[name], layer.lora_E[name], layer.lora_B[name]))
-            except (KeyError, AttributeError):  # ParameterDict raises the latter
+                out.append(
+                    (
+                        mods["lora_A"]._parameters[name],
+                        mods["lora_E"]._parameters[name],
+                        mods["lora_B"]._parameters[name],
+                    )
+                )
+            except KeyError:
                 raise ValueError(
                     f"{module}: adapter {name!r} was removed from this layer; build a new "
                     "RankAllocator for the adapters the model has now."
                 ) from None
         return out
 
-    def _update_importance(self, triplets: list[Triplet], grads: list[tuple[Any, ...]]) -> None:
-        missing = [n for n, gs in zip(self._names, grads) if any(g is None for g in gs)]
-        new = [n for n in missing if n not in self._warned]
+    def _update_importance(
+        self, triplets: list[Triplet], grads: list[tuple[Any, ...]], missing: list[int]
+    ) -> None:
+        new = [self._names[m] for m in missing if self._names[m] not in self._warned]
         if new:
             self._warned.update(new)
             warnings.warn(
@@ -447,7 +462,8 @@ class RankAllocator:
         ]
         self._e_dtypes = [triplets[ms[0]][1].dtype if ms else None for ms in self._masked]
         self._skipped_dev = torch.zeros((), dtype=torch.int64, device=self._buckets[0].device)
-        self._key = _key(triplets)
+        self._sharded = any(isinstance(b, ShardedBucket) for b in self._buckets)
+        self._key = _key(triplets, self._sharded)
         self._set_keep(self._keep)
 
     def to(self, device: torch.device | str) -> RankAllocator:

@@ -82,18 +82,21 @@ class EmaBuffers:
 
 
 class _Group:
-    """Members of equal ``(r, in, out)``; their block in the flat buffers starts at ``offset``."""
+    """Members of equal ``(r, in, out)`` and E shape (``(r, 1)``, or ``(r,)`` in a
+    third-party ``SVDAdapter``); their block in the flat buffers starts at ``offset``."""
 
-    def __init__(self, ks: list[int], r: int, n_in: int, n_out: int, offset: int) -> None:
-        self.ks, self.r, self.n_in, self.n_out, self.offset = ks, r, n_in, n_out, offset
-        self.numel = len(ks) * r * (n_in + 1 + n_out)
+    def __init__(self, ks: list[int], shape: tuple[int, ...], offset: int) -> None:
+        self.ks, self.offset = ks, offset
+        self.r, self.n_in, self.n_out, *e_shape = shape
+        self.e_shape = tuple(e_shape)
+        self.numel = len(ks) * self.r * (self.n_in + 1 + self.n_out)
 
     def blocks(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The A ``(G, r, in)``, E ``(G, r, 1)`` and B ``(G, out, r)`` blocks of ``flat``."""
+        """The A ``(G, r, in)``, E ``(G, *E.shape)`` and B ``(G, out, r)`` blocks of ``flat``."""
         g, r, n_in, n_out = len(self.ks), self.r, self.n_in, self.n_out
         block = flat[self.offset : self.offset + self.numel]
         a = block[: g * r * n_in].view(g, r, n_in)
-        e = block[g * r * n_in : g * r * (n_in + 1)].view(g, r, 1)
+        e = block[g * r * n_in : g * r * (n_in + 1)].view(g, *self.e_shape)
         b = block[g * r * (n_in + 1) :].view(g, n_out, r)
         return a, e, b
 
@@ -115,14 +118,14 @@ class Bucket(EmaBuffers):
         weights: tuple[float, float],
         with_ema: bool,
     ) -> None:
-        by_shape: dict[tuple[int, int, int], list[int]] = {}
-        for k, (a, _, b) in enumerate(triplets):
-            by_shape.setdefault((a.shape[0], a.shape[1], b.shape[0]), []).append(k)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for k, (a, e, b) in enumerate(triplets):
+            by_shape.setdefault((a.shape[0], a.shape[1], b.shape[0], *e.shape), []).append(k)
         self.members = members
         self.groups: list[_Group] = []
         offset = 0
-        for (r, n_in, n_out), ks in by_shape.items():
-            self.groups.append(_Group(ks, r, n_in, n_out, offset))
+        for shape, ks in by_shape.items():
+            self.groups.append(_Group(ks, shape, offset))
             offset += self.groups[-1].numel
         # global triplet positions of the entries of scores() (group order)
         self.score_pos = np.concatenate(
@@ -158,8 +161,6 @@ class Bucket(EmaBuffers):
                     ps = [triplets[k][kind] for k in g.ks]
                     gs = [grads[k][kind] for k in g.ks]
                     gs = [torch.zeros_like(p) if x is None else x for p, x in zip(ps, gs)]
-                    if kind == 1:  # E may be (r,) in a third-party SVDAdapter
-                        ps, gs = [p.view(-1, 1) for p in ps], [x.view(-1, 1) for x in gs]
                     torch.stack(ps, out=out)  # rounded to the EMA dtype, as the product is
                     out.mul_(torch.stack(gs))
             work.abs_()
@@ -173,7 +174,8 @@ class Bucket(EmaBuffers):
         parts = []
         for g in self.groups:
             a, e, b = g.blocks(s)
-            parts.append((e.squeeze(2) + (a.mean(dim=2) + b.mean(dim=1))).reshape(-1))
+            e = e.reshape(len(g.ks), g.r)
+            parts.append((e + (a.mean(dim=2) + b.mean(dim=1))).reshape(-1))
         return torch.cat(parts) if parts else s.new_zeros(0)
 
     def apply_masks(self, es: list[torch.Tensor], factors: list[torch.Tensor]) -> None:
