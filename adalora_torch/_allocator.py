@@ -31,7 +31,7 @@ from adalora_core import (
     validate_schedule,
 )
 
-from ._buckets import Bucket, Triplet
+from ._buckets import Bucket, Triplet, check_ema, check_triplet, fold_importance, keep_dict
 from ._distributed import check_masks_agree, unwrap_model
 from ._fsdp import ShardedBucket, is_sharded
 from ._layers import iter_svd_layers
@@ -42,28 +42,9 @@ __all__ = ["RankAllocator"]
 _FORMAT = "adalora_torch.RankAllocator/1"
 _KINDS = ("lora_A", "lora_E", "lora_B")
 _CONFIG = ("target_r", "tinit", "tfinal", "total_step", "deltaT", "beta1", "beta2")
-_STATE_KEYS = (
-    "adapter_name",
-    "module_names",
-    "ranks",
-    "config",
-    "step",
-    "budget",
-    "finalized",
-    "skipped_steps",
-    "keep",
-    "rank_pattern",
-    "ema_sensitivity",
-    "ema_uncertainty",
-)
-
-
-def _keep_dict(layer: Any) -> dict[str, torch.Tensor]:
-    keep = getattr(layer, "keep", None)
-    if not isinstance(keep, dict):
-        keep = {}
-        layer.keep = keep
-    return keep
+_STATE_KEYS: tuple[str, ...] = ("adapter_name", "module_names", "ranks", "config", "step")
+_STATE_KEYS += ("budget", "finalized", "skipped_steps", "keep", "rank_pattern")
+_STATE_KEYS += ("ema_sensitivity", "ema_uncertainty")
 
 
 def _key(triplets: list[Triplet], sharded: bool) -> list[tuple[Any, ...]]:
@@ -311,15 +292,9 @@ class RankAllocator:
         look-ups: ``ParameterDict[name]`` costs microseconds, hundreds of times a step)."""
         name, out = self.adapter_name, []
         for module, layer in zip(self._names, self._layers):
-            mods = layer._modules  # type: ignore[attr-defined]
+            a, e, b = (layer._modules[k]._parameters for k in _KINDS)  # type: ignore[attr-defined]
             try:
-                out.append(
-                    (
-                        mods["lora_A"]._parameters[name],
-                        mods["lora_E"]._parameters[name],
-                        mods["lora_B"]._parameters[name],
-                    )
-                )
+                out.append((a[name], e[name], b[name]))
             except KeyError:
                 raise ValueError(
                     f"{module}: adapter {name!r} was removed from this layer; build a new "
@@ -342,23 +317,10 @@ class RankAllocator:
             b.sensitivity([triplets[m] for m in b.members], [grads[m] for m in b.members])
             for b in self._buckets
         ]
-        # one finiteness flag for all matrices (as the core)
-        flags = [torch.isfinite(s.amax()) if s.numel() else None for s in work]
         assert self._skipped_dev is not None
-        dev0 = self._skipped_dev.device
-        flags_on = [f.to(dev0) for f in flags if f is not None]
-        finite = torch.stack(flags_on).all() if flags_on else torch.ones((), dtype=torch.bool)
-        sync_free = dev0.type != "cpu" if self._sync_free is None else self._sync_free
-        if not sync_free:  # reading the flag costs nothing on the CPU
-            if not bool(finite):
-                self._skipped += 1
-                return
-            for bucket, sens in zip(self._buckets, work):
-                bucket.update(sens, None)
-        else:  # no host sync: the flag selects the EMA weights on the device
-            self._skipped_dev.add_(finite.to(dev0).logical_not())
-            for bucket, sens in zip(self._buckets, work):
-                bucket.update(sens, finite)
+        sync_free = self._skipped_dev.device.type != "cpu"
+        sync_free = sync_free if self._sync_free is None else self._sync_free
+        self._skipped += fold_importance(self._buckets, work, self._skipped_dev, sync_free)
 
     def _triplet_scores(self) -> np.ndarray:
         """``S`` of every triplet, all matrices in model order (one device-to-host copy each)."""
@@ -398,7 +360,7 @@ class RankAllocator:
             on_device = torch.from_numpy(keep[pos]).to(bucket.device)  # one copy
             ranks = [self._ranks[m] for m in ms]
             for m, mask in zip(ms, on_device.split(ranks)):
-                _keep_dict(self._layers[m])[self.adapter_name] = mask
+                keep_dict(self._layers[m])[self.adapter_name] = mask
             self._factors.append(list(on_device.to(dtype).unsqueeze(1).split(ranks)))
 
     def _apply_masks(self, triplets: list[Triplet]) -> None:
@@ -422,14 +384,7 @@ class RankAllocator:
     ) -> None:
         """(Re)build the buckets for ``triplets`` (one per device); copy ``ema`` into them."""
         for name, (a, e, b), m in zip(self._names, triplets, range(len(triplets))):
-            r = int(e.shape[0])
-            if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r or e.numel() != r:
-                raise ValueError(
-                    f"{name}: expected lora_A (r, in), lora_E (r, 1) and lora_B (out, r) with "
-                    f"one r, got {tuple(a.shape)}, {tuple(e.shape)} and {tuple(b.shape)}."
-                )
-            if not (a.device == e.device == b.device):
-                raise ValueError(f"{name}: lora_A, lora_E and lora_B are on different devices.")
+            r = check_triplet(name, (a, e, b))
             kept = int(self._keep[self._offsets[m] : self._offsets[m + 1]].sum())
             if r != self._ranks[m] and not (self._finalized and r == kept):
                 raise ValueError(
@@ -571,13 +526,7 @@ class RankAllocator:
                                 f"{key}[{name + '.' + kind!r}] should be a tensor of shape "
                                 f"{tuple(p.shape)}, got {got}."
                             )
-                        local = t.to_local() if hasattr(t, "to_local") else t  # DTensor
-                        if not bool((torch.isfinite(local) & (local >= 0)).all()):
-                            raise ValueError(
-                                f"{key}[{name + '.' + kind!r}] has NaN, infinite or negative "
-                                "entries, which an allocator never saves: the state is corrupt; "
-                                "resume from another checkpoint."
-                            )
+                        check_ema(f"{key}[{name + '.' + kind!r}]", t)
                         tensors.append(t)
                 ema[name] = tuple(tensors)
         pattern = sd["rank_pattern"]

@@ -18,9 +18,44 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["Bucket", "EmaBuffers", "Triplet"]
+__all__ = ["Bucket", "EmaBuffers", "check_ema", "check_triplet", "fold_importance", "keep_dict"]
 
 Triplet = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # A (r, in), E (r, 1), B (out, r)
+
+
+def check_triplet(name: str, triplet: Triplet) -> int:
+    """The rank ``r`` of a layer's ``(A, E, B)``; ``ValueError`` unless A is ``(r, in)``, E
+    holds ``r`` entries, B is ``(out, r)`` and all three share a device."""
+    a, e, b = triplet
+    r = int(e.shape[0])
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r or e.numel() != r:
+        raise ValueError(
+            f"{name}: expected lora_A (r, in), lora_E (r, 1) and lora_B (out, r) with one r, "
+            f"got {tuple(a.shape)}, {tuple(e.shape)} and {tuple(b.shape)}."
+        )
+    if not (a.device == e.device == b.device):
+        raise ValueError(f"{name}: lora_A, lora_E and lora_B are on different devices.")
+    return r
+
+
+def check_ema(label: str, t: torch.Tensor) -> None:
+    """``ValueError`` when a saved EMA tensor (or ``DTensor``) holds NaN, infinite or negative
+    entries, which an allocator never saves."""
+    local = t.to_local() if hasattr(t, "to_local") else t
+    if not bool((torch.isfinite(local) & (local >= 0)).all()):
+        raise ValueError(
+            f"{label} has NaN, infinite or negative entries, which an allocator never saves: "
+            "the state is corrupt; resume from another checkpoint."
+        )
+
+
+def keep_dict(layer: Any) -> dict[str, torch.Tensor]:
+    """The layer's ``keep`` dict (adapter name -> boolean keep-mask), made if missing."""
+    keep = getattr(layer, "keep", None)
+    if not isinstance(keep, dict):
+        keep = {}
+        layer.keep = keep
+    return keep
 
 
 def ema_dtype(triplets: Sequence[Triplet]) -> torch.dtype:
@@ -183,3 +218,28 @@ class Bucket(EmaBuffers):
         if es:
             with torch.no_grad():
                 torch._foreach_mul_(es, factors)
+
+
+def fold_importance(
+    buckets: Sequence[EmaBuffers], work: list[torch.Tensor], skipped: torch.Tensor, sync_free: bool
+) -> int:
+    """Fold each bucket's ``I`` (``work``, from ``sensitivity``) into its EMAs, or none of
+    them when any entry of any ``I`` is non-finite (one flag for all matrices, as the core).
+
+    ``sync_free`` False (the CPU, where reading it is free): the flag is read on the host;
+    returns 1 for a skipped step, else 0. True (accelerators): the flag is never read; it
+    selects the EMA weights on the device (``(0, 0)`` for a step to skip) and is added to the
+    device counter ``skipped``; returns 0.
+    """
+    flags = [torch.isfinite(s.amax()).to(skipped.device) for s in work if s.numel()]
+    finite = torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool)
+    if not sync_free:
+        if not bool(finite):
+            return 1
+        for bucket, sens in zip(buckets, work):
+            bucket.update(sens, None)
+        return 0
+    skipped.add_(finite.to(skipped.device).logical_not())
+    for bucket, sens in zip(buckets, work):
+        bucket.update(sens, finite)
+    return 0
