@@ -1,8 +1,9 @@
 """RankAllocator, the torch hook: equal to ``adalora_core.rank_allocator`` (the NumPy
-specification) step by step, plus the behaviour around it (warnings, errors, checkpoints).
+specification) step by step, plus the behaviour around it (gradients, phases, settings, and
+following the model when its Parameters are replaced, moved or converted).
 
-Expected values come from ``adalora_core`` (float64) unless a test says otherwise; the PEFT
-tests at the end compare with ``peft.tuners.adalora`` itself.
+Expected values come from ``adalora_core`` (float64) unless a test says otherwise. Checkpoints
+are in ``test_allocator_checkpoint.py``, the comparison with PEFT in ``test_allocator_peft.py``.
 """
 
 from __future__ import annotations
