@@ -352,7 +352,8 @@ class RankAllocator:
         """Record the keep-mask of all matrices; hand it to the layers and the E factors."""
         self._keep = keep.copy()
         self._factors: list[list[torch.Tensor]] = []
-        for bucket, ms, dtype in zip(self._buckets, self._masked, self._e_dtypes):
+        masked = zip(self._buckets, self._masked, self._e_dtypes, self._e_shapes)
+        for bucket, ms, dtype, shapes in masked:
             if not ms:
                 self._factors.append([])
                 continue
@@ -361,7 +362,8 @@ class RankAllocator:
             ranks = [self._ranks[m] for m in ms]
             for m, mask in zip(ms, on_device.split(ranks)):
                 keep_dict(self._layers[m])[self.adapter_name] = mask
-            self._factors.append(list(on_device.to(dtype).unsqueeze(1).split(ranks)))
+            factors = on_device.to(dtype).split(ranks)  # 0/1, shaped like E
+            self._factors.append([f.view(shape) for f, shape in zip(factors, shapes)])
 
     def _apply_masks(self, triplets: list[Triplet]) -> None:
         for bucket, ms, factors in zip(self._buckets, self._masked, self._factors):
@@ -416,6 +418,7 @@ class RankAllocator:
             for b in self._buckets
         ]
         self._e_dtypes = [triplets[ms[0]][1].dtype if ms else None for ms in self._masked]
+        self._e_shapes = [[triplets[m][1].shape for m in ms] for ms in self._masked]
         self._skipped_dev = torch.zeros((), dtype=torch.int64, device=self._buckets[0].device)
         self._sharded = any(isinstance(b, ShardedBucket) for b in self._buckets)
         self._key = _key(triplets, self._sharded)

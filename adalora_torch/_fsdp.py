@@ -287,4 +287,4 @@ class ShardedBucket(EmaBuffers):
                 local, mesh, placements = _layout(e, self.mesh)
                 start, length = _local_range(int(e.shape[0]), mesh, placements, 0)
                 if local.numel():
-                    local.mul_(factor[start : start + length].reshape(length, -1))
+                    local.mul_(factor[start : start + length].reshape(local.shape))

@@ -485,6 +485,28 @@ def test_layers_are_found_by_protocol_not_by_name() -> None:
         RankAllocator(nn.ModuleDict({"x": LooksLikeLora()}), target_r=1, total_step=4)
 
 
+def test_layer_shapes_are_checked_and_a_flat_e_works() -> None:
+    """A third-party layer whose E is ``(r,)`` is allocated like one with ``(r, 1)``; A, E, B
+    whose ranks disagree are a clear error."""
+    torch.manual_seed(0)
+    flat = nn.ModuleDict({"y": ProtocolOnly(3, 2, 2), "z": ProtocolOnly(3, 2, 2)})
+    torch.manual_seed(0)
+    column = nn.ModuleDict({"y": ProtocolOnly(3, 2, 2), "z": ProtocolOnly(3, 2, 2)})
+    for layer in flat.values():
+        layer.lora_E["default"] = nn.Parameter(layer.lora_E["default"].detach().reshape(-1))
+    allocs = [RankAllocator(m, target_r=1, total_step=4) for m in (flat, column)]
+    for step in range(3):
+        for model in (flat, column):
+            for p in model.parameters():
+                p.grad = torch.full_like(p, float(step + 1)) * p.detach()
+        assert allocs[0].update_and_allocate(step) == allocs[1].update_and_allocate(step)
+    a, b = (al.state_dict()["ema_sensitivity"] for al in allocs)
+    assert all(torch.equal(a[k].reshape(-1), b[k].reshape(-1)) for k in a)
+    column["z"].lora_B["default"] = nn.Parameter(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"z: expected lora_A \(r, in\)"):
+        allocs[1].update_and_allocate(3)
+
+
 # -- validation ---------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("kwargs", "match"),
