@@ -7,7 +7,9 @@ B (G, out, r)``, so ``I = |p · g|`` is one ``torch.stack`` of ``p``, one of ``g
 multiply per group and kind, and the triplet scores are one batched mean per group.
 
 The bucket holds no parameters: the allocator reads A, E, B and their gradients from the
-layers every step and hands them in (see ``RankAllocator``).
+layers every step and hands them in (see ``RankAllocator``). Also here: the checks of a layer's
+triplet and of a saved EMA tensor, the layers' ``keep`` dicts, and ``fold_importance``, which
+folds a step's ``I`` into every bucket or, when any entry is non-finite, into none.
 """
 
 from __future__ import annotations
