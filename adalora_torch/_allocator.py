@@ -31,7 +31,7 @@ from adalora_core import (
     validate_schedule,
 )
 
-from ._buckets import Bucket, Triplet, check_ema, check_triplet, fold_importance, keep_dict
+from ._buckets import Bucket, Triplet, check_triplet, fold_importance, keep_dict, saved_ema
 from ._distributed import check_masks_agree, unwrap_model
 from ._fsdp import ShardedBucket, is_sharded
 from ._layers import iter_svd_layers
@@ -512,26 +512,8 @@ class RankAllocator:
         if keep.shape != (self.init_budget,):
             raise ValueError(f"keep has {keep.shape[0]} entries, expected {self.init_budget}.")
         finalized = bool(sd["finalized"])
-        ema: dict[str, tuple[torch.Tensor, ...]] | None = None
         triplets = self._read()
-        if not finalized:
-            ema = {}
-            for name, params in zip(self._names, triplets):
-                tensors = []
-                for key in ("ema_sensitivity", "ema_uncertainty"):
-                    if not isinstance(sd[key], Mapping):
-                        raise ValueError(f"{key} should map names to tensors, got {sd[key]!r}.")
-                    for kind, p in zip(_KINDS, params):
-                        t = sd[key].get(f"{name}.{kind}")
-                        if not isinstance(t, torch.Tensor) or t.shape != p.shape:
-                            got = tuple(t.shape) if isinstance(t, torch.Tensor) else t
-                            raise ValueError(
-                                f"{key}[{name + '.' + kind!r}] should be a tensor of shape "
-                                f"{tuple(p.shape)}, got {got}."
-                            )
-                        check_ema(f"{key}[{name + '.' + kind!r}]", t)
-                        tensors.append(t)
-                ema[name] = tuple(tensors)
+        ema = None if finalized else saved_ema(sd, self._names, triplets)
         pattern = sd["rank_pattern"]
         self._total_step = mine["total_step"]
         self._step, self._budget = int(sd["step"]), int(sd["budget"])

@@ -7,20 +7,28 @@ B (G, out, r)``, so ``I = |p · g|`` is one ``torch.stack`` of ``p``, one of ``g
 multiply per group and kind, and the triplet scores are one batched mean per group.
 
 The bucket holds no parameters: the allocator reads A, E, B and their gradients from the
-layers every step and hands them in (see ``RankAllocator``). Also here: the checks of a layer's
-triplet and of a saved EMA tensor, the layers' ``keep`` dicts, and ``fold_importance``, which
-folds a step's ``I`` into every bucket or, when any entry is non-finite, into none.
+layers every step and hands them in (see ``RankAllocator``). Also here: the checks of a
+layer's triplet and of the EMA tensors of a state dict, the layers' ``keep`` dicts, and
+``fold_importance``, which folds a step's ``I`` into every bucket or, when any entry is
+non-finite, into none.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["Bucket", "EmaBuffers", "check_ema", "check_triplet", "fold_importance", "keep_dict"]
+__all__ = [
+    "Bucket",
+    "EmaBuffers",
+    "check_triplet",
+    "fold_importance",
+    "keep_dict",
+    "saved_ema",
+]
 
 Triplet = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # A (r, in), E (r, 1), B (out, r)
 
@@ -40,15 +48,36 @@ def check_triplet(name: str, triplet: Triplet) -> int:
     return r
 
 
-def check_ema(label: str, t: torch.Tensor) -> None:
-    """``ValueError`` when a saved EMA tensor (or ``DTensor``) holds NaN, infinite or negative
-    entries, which an allocator never saves."""
-    local = t.to_local() if hasattr(t, "to_local") else t
-    if not bool((torch.isfinite(local) & (local >= 0)).all()):
-        raise ValueError(
-            f"{label} has NaN, infinite or negative entries, which an allocator never saves: "
-            "the state is corrupt; resume from another checkpoint."
-        )
+def saved_ema(
+    sd: Mapping[str, Any], names: Sequence[str], triplets: Sequence[Triplet]
+) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Per module, ``(Ī_A, Ī_E, Ī_B, Ū_A, Ū_E, Ū_B)`` from a state dict's ``ema_sensitivity``
+    and ``ema_uncertainty`` (``"<module>.lora_A|lora_E|lora_B"`` -> tensor); ``ValueError``
+    when one is missing, misshapen, or holds NaN, infinite or negative entries (which an
+    allocator never saves)."""
+    out: dict[str, tuple[torch.Tensor, ...]] = {}
+    for name, params in zip(names, triplets):
+        tensors = []
+        for key in ("ema_sensitivity", "ema_uncertainty"):
+            if not isinstance(sd[key], Mapping):
+                raise ValueError(f"{key} should map names to tensors, got {sd[key]!r}.")
+            for kind, p in zip(("lora_A", "lora_E", "lora_B"), params):
+                label = f"{key}[{name + '.' + kind!r}]"
+                t = sd[key].get(f"{name}.{kind}")
+                if not isinstance(t, torch.Tensor) or t.shape != p.shape:
+                    got = tuple(t.shape) if isinstance(t, torch.Tensor) else t
+                    raise ValueError(
+                        f"{label} should be a tensor of shape {tuple(p.shape)}, got {got}."
+                    )
+                local = t.to_local() if hasattr(t, "to_local") else t  # a DTensor: its slice
+                if not bool((torch.isfinite(local) & (local >= 0)).all()):
+                    raise ValueError(
+                        f"{label} has NaN, infinite or negative entries, which an allocator never "
+                        "saves: the state is corrupt; resume from another checkpoint."
+                    )
+                tensors.append(t)
+        out[name] = tuple(tensors)
+    return out
 
 
 def keep_dict(layer: Any) -> dict[str, torch.Tensor]:
