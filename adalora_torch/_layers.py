@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._protocol import ParameterEpoch, SVDAdapter
+from ._protocol import SVDAdapter
 
 __all__ = ["SVDConv2d", "SVDEmbedding", "SVDLinear"]
 
@@ -175,7 +175,6 @@ class _SVDLayerBase(nn.Module):
             self._unmerge_one(adapter_name)
         for d in (self.lora_A, self.lora_E, self.lora_B, self.ranknum):
             del d[adapter_name]
-        ParameterEpoch.bump()  # deleting is not a registration: tell RankAllocator
         del self.lora_dropout[adapter_name]
         for attr in (self.r, self.lora_alpha, self.scaling, self.keep):
             attr.pop(adapter_name, None)  # type: ignore[attr-defined]

@@ -10,32 +10,8 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 from torch import nn
-from torch.nn.modules.module import register_module_parameter_registration_hook
 
 __all__ = ["SVDAdapter"]
-
-
-class ParameterEpoch:
-    """A counter that changes whenever a Parameter may have been replaced or removed: every
-    ``register_parameter`` of any module (``module.x = Parameter(...)``, ``ParameterDict``
-    assignment, ``load_state_dict(assign=True)``), once ``watch()`` installed torch's global
-    registration hook, and every adapter deleted by this package's layers. ``RankAllocator``
-    compares it (one integer) each step instead of looking at every layer. Writes straight
-    into ``module._parameters`` are not seen."""
-
-    value = 0
-    _handle: object = None
-
-    @classmethod
-    def bump(cls, *_: object) -> None:
-        """Advance the counter (the registration hook; returns None: the parameter is kept)."""
-        cls.value += 1
-
-    @classmethod
-    def watch(cls) -> None:
-        """Install the global registration hook, once per process."""
-        if cls._handle is None:
-            cls._handle = register_module_parameter_registration_hook(cls.bump)
 
 
 @runtime_checkable

@@ -1,21 +1,17 @@
-"""Time per ``update_and_allocate`` call and allocator memory: ours against PEFT's.
+"""Time per model-level ``update_and_allocate`` call: ``adalora_hf`` against PEFT.
 
-Both allocators run in one process, on the same BERT-shaped model (transformers'
-``BertModel``, adapters on query/key/value/dense), with the same adapter weights and the same
-gradients, alternating call by call in the budgeting phase (allocation every ``deltaT`` steps).
-At the end the masked E of both must be equal, so they did the same work. On the CPU the times
-are process CPU time by default (``--clock``), which leaves out the time other processes hold
-the cores.
+Both sides are the call a training loop makes, ``model.base_model.update_and_allocate(step)``
+on a model from ``get_peft_model`` (ours: ``adalora_hf``; PEFT's: ``peft``), on the same
+BERT-shaped model (transformers' ``BertModel``, adapters on query/key/value/dense) with the same
+adapter weights and the same gradients, in the budgeting phase (importance every step,
+allocation every ``deltaT`` steps). Calls alternate, who goes first rotating step by step. The
+run is repeated ``--repeats`` times; each repeat gives a median per call for both and their
+ratio, and the summary is the median ratio with its min and max over the repeats. At the end
+the masked E of both must be equal, so they did the same work. On the CPU the times are process
+CPU time by default (``--clock``), which leaves out the time other processes hold the cores.
 
-Memory, in floats per adapter parameter: the state (ours: the EMAs a checkpoint holds; PEFT:
-``ipt`` and its two EMAs, which its update keeps), what each allocator holds between calls
-(every tensor it references that is not a model parameter), and the most a call allocates on
-top (ours: the workspace for ``|p · g|``, freed at the end of the call, when the activations
-of the step are already gone; CUDA: ``max_memory_allocated``, CPU: the profiler's allocation
-events).
-
-    python benchmarks/allocator.py                 # 24 layers, hidden 128, init_r 12
-    python benchmarks/allocator.py --layers 12 --hidden 256 --steps 100
+    OMP_NUM_THREADS=1 python benchmarks/allocator.py       # 24 layers, hidden 128, init_r 12
+    python benchmarks/allocator.py --layers 12 --hidden 256 --steps 50
 """
 
 from __future__ import annotations
@@ -24,93 +20,74 @@ import argparse
 import copy
 import statistics
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
-from _common import (
-    TARGETS,
-    add_model_args,
-    bert_config,
-    storage_bytes,
-    tensors_in,
-    transient_peak_bytes,
-)
+from _common import TARGETS, add_model_args, bert_config, clock, resolve_device, timed
 from torch import nn
 
-import adalora_torch._allocator as allocator_module
-from adalora_torch import inject_adapters
-from adalora_torch._allocator import RankAllocator
+import adalora_hf
+
+GOAL = 5.0  # ours at least this many times faster than PEFT (median ratio over repeats)
 
 
 def build_base(args: argparse.Namespace) -> nn.Module:
     from transformers import BertModel
 
     torch.manual_seed(0)
-    return BertModel(bert_config(args))
+    model: nn.Module = BertModel(bert_config(args))
+    return model
 
 
-def lora_params(model: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+def lora_params(model: nn.Module) -> dict[str, torch.Tensor]:
     return {
-        n.removeprefix(prefix): p
+        n: p
         for n, p in model.named_parameters()
         if any(f".{k}." in n for k in ("lora_A", "lora_E", "lora_B"))
     }
-
-
-def median_ms(times: list[float]) -> float:
-    return statistics.median(times) * 1e3 if times else float("nan")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_args(parser)
     parser.add_argument("--deltaT", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=200, help="timed steps")
+    parser.add_argument("--steps", type=int, default=100, help="timed steps per repeat")
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     parser.add_argument("--grad-sets", type=int, default=4, help="gradient sets, cycled")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--no-peft", action="store_true", help="time ours only")
+    parser.add_argument("--device", default="cpu", help="auto (CUDA if present), cpu, cuda")
     parser.add_argument(
-        "--clock",
-        default="auto",
-        choices=["auto", "cpu", "wall"],
-        help="cpu: process CPU time (steadier on a shared machine); auto: cpu on the CPU",
+        "--clock", default="auto", choices=["auto", "cpu", "wall"], help="auto: cpu on the CPU"
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if args.clock == "auto":
-        args.clock = "cpu" if device.type == "cpu" else "wall"
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    device = resolve_device(args.device)
+    now = clock(args.clock, device)
+    import peft
 
-    total_step = 100 * (args.steps + args.warmup)  # stay in the budgeting phase
-    schedule = dict(tinit=0, tfinal=0, total_step=total_step, deltaT=args.deltaT)
+    n_steps = args.warmup + args.repeats * args.steps
+    schedule = dict(
+        init_r=args.rank,
+        target_r=args.target_r,
+        tinit=0,
+        tfinal=0,
+        total_step=100 * n_steps,  # stay in the budgeting phase
+        deltaT=args.deltaT,
+    )
     base = build_base(args)
-    ours = copy.deepcopy(base)
-    names = inject_adapters(ours, TARGETS, rank=args.rank, alpha=8.0)
-    ours.to(device)
-    our_lora = lora_params(ours)
-
-    theirs: Any = None
-    their_lora: dict[str, torch.Tensor] = {}
-    if not args.no_peft:
-        try:
-            import peft
-        except ImportError:
-            print("peft is not installed: timing ours only")
-        else:
-            config = peft.AdaLoraConfig(
-                target_modules=TARGETS, init_r=args.rank, target_r=args.target_r, **schedule
-            )
-            theirs = peft.get_peft_model(base, config).to(device)
-            their_lora = lora_params(theirs, "base_model.model.")
-            assert their_lora.keys() == our_lora.keys()
+    ours: Any = adalora_hf.get_peft_model(
+        copy.deepcopy(base), adalora_hf.AdaLoraConfig(target_modules=TARGETS, **schedule)
+    ).to(device)
+    theirs: Any = peft.get_peft_model(
+        base, peft.AdaLoraConfig(target_modules=TARGETS, **schedule)
+    ).to(device)
+    our_lora, their_lora = lora_params(ours), lora_params(theirs)
+    assert our_lora.keys() == their_lora.keys()
 
     # a few gradient sets, cycled, shared by both (each only reads them): with one constant
     # gradient the uncertainty |I - Ī| decays into rounding noise and near-ties decide masks
-    g = torch.Generator(device="cpu").manual_seed(0)
+    g = torch.Generator().manual_seed(0)
     grad_sets = [
         {n: torch.randn(p.shape, generator=g).to(device) for n, p in our_lora.items()}
         for _ in range(args.grad_sets)
@@ -118,137 +95,56 @@ def main() -> None:
     with torch.no_grad():
         for name, p in our_lora.items():
             if ".lora_E." in name:
-                p.normal_(generator=None)  # E starts at 0: make the masking visible
-            if their_lora:
-                their_lora[name].copy_(p)
+                p.normal_(generator=g)  # E starts at 0: make the masking visible
+            their_lora[name].copy_(p)
 
-    # ours twice: with this device's default workspace policy, and with the other one (CPU:
-    # held between calls by default, per call forced; accelerators: the reverse)
-    hold = device.type == "cpu"
-    alloc = RankAllocator(ours, target_r=args.target_r, **schedule)
-    ours_other = copy.deepcopy(ours)
-    other_lora = lora_params(ours_other)
-    allocator_module._HOLD_WORKSPACE = not hold
-    alloc_other = RankAllocator(ours_other, target_r=args.target_r, **schedule)
-    allocator_module._HOLD_WORKSPACE = None
-    labels = {True: "held", False: "per call"}
-    now = time.process_time if args.clock == "cpu" else time.perf_counter
-
-    def set_grads(step: int) -> None:
+    calls = {
+        "ours": ours.base_model.update_and_allocate,
+        "peft": theirs.base_model.update_and_allocate,
+    }
+    order = list(calls)
+    times: dict[str, list[list[float]]] = {k: [[] for _ in range(args.repeats)] for k in order}
+    for step in range(n_steps):
         grads = grad_sets[step % len(grad_sets)]
         for name, p in our_lora.items():
-            p.grad = other_lora[name].grad = grads[name]
-            if their_lora:
-                their_lora[name].grad = grads[name]
-
-    calls: dict[str, Callable[[int], Any]] = {
-        "ours": alloc.update_and_allocate,
-        "other": alloc_other.update_and_allocate,
-    }
-    if theirs is not None:
-        calls["peft"] = theirs.base_model.update_and_allocate
-    order = list(calls)
-    timed: dict[str, dict[bool, list[float]]] = {k: {True: [], False: []} for k in order}
-    for step in range(1, args.warmup + args.steps + 1):
-        set_grads(step)
+            p.grad = their_lora[name].grad = grads[name]
         k = step % len(order)
         for who in order[k:] + order[:k]:  # rotate who goes first
-            sync()
-            t0 = now()
-            calls[who](step)
-            sync()
-            if step > args.warmup:
-                timed[who][step % args.deltaT == 0].append(now() - t0)
-    same = theirs is None or all(
-        torch.equal(p, their_lora[n]) and torch.equal(p, other_lora[n])
-        for n, p in our_lora.items()
-        if ".lora_E." in n
-    )
+            seconds = timed(lambda: calls[who](step), device, now)  # noqa: B023
+            if step >= args.warmup:
+                times[who][(step - args.warmup) // args.steps].append(seconds)
+    same = all(torch.equal(p, their_lora[n]) for n, p in our_lora.items() if ".lora_E." in n)
 
     n_adapter = sum(p.numel() for p in our_lora.values())
+    n_matrices = sum(1 for n in our_lora if ".lora_E." in n)
     print(
         f"BERT-shaped: {args.layers} layers, hidden {args.hidden}, intermediate "
-        f"{args.intermediate}; {len(names)} adapted matrices, init_r {args.rank}, "
-        f"{n_adapter:,} adapter parameters; device {device}, {args.threads} CPU thread(s), "
-        f"{'process CPU' if args.clock == 'cpu' else 'wall'} time; {args.steps} timed steps, "
-        f"allocation every {args.deltaT}. ours: workspace {labels[hold]} (the {device.type} "
-        f"default); other: workspace {labels[not hold]}"
+        f"{args.intermediate}; {n_matrices} adapted matrices, init_r {args.rank}, "
+        f"{n_adapter:,} adapter parameters; device {device}"
+        + (f", {args.threads} CPU thread(s)" if device.type == "cpu" else "")
+        + f"; {'process CPU' if now is time.process_time else 'wall'} time; "
+        f"{args.repeats} repeats of {args.steps} steps, allocation every {args.deltaT}; "
+        f"model-level update_and_allocate (adalora_hf vs peft {peft.__version__})"
     )
-    header = (
-        f"{'median ms / call':<22}{'ours':>9}{'other':>9}{'peft':>9}"
-        f"{'peft / ours':>13}{'peft / other':>14}"
-    )
+    header = f"{'repeat':<8}{'ours ms':>10}{'peft ms':>10}{'peft / ours':>13}"
     print(header)
     print("-" * len(header))
-    ratios: dict[str, float] = {}
-    for label, kind in [("all steps", None), ("allocation steps", True), ("other steps", False)]:
-        v = {
-            who: median_ms(t[True] + t[False] if kind is None else t[kind])
-            for who, t in timed.items()
-        }
-        peft_ms = v.get("peft", float("nan"))
-        ratios[label] = peft_ms / v["ours"]
-        print(
-            f"{label:<22}{v['ours']:>9.3f}{v['other']:>9.3f}{peft_ms:>9.3f}"
-            f"{peft_ms / v['ours']:>12.1f}x{peft_ms / v['other']:>13.1f}x"
-        )
-
-    # memory, floats per adapter parameter: the state (ours: the EMAs; PEFT: ipt and its two
-    # EMAs, which its update keeps), all that is held between calls, and the most that one
-    # call allocates on top (measured: CUDA max_memory_allocated, CPU profiler events)
-    step = args.warmup + args.steps
-
-    def next_call(update: Callable[[int], Any]) -> Callable[[], Any]:
-        def call() -> Any:
-            nonlocal step
-            step += 1
-            set_grads(step)
-            return update(step)
-
-        return call
-
-    def memory(allocator: Any, model: nn.Module, update: Callable[[int], Any]) -> list[float]:
-        peak = transient_peak_bytes(next_call(update), device) / 4 / n_adapter
-        return [held_floats(allocator, model), peak]
-
-    state = sum(
-        t.numel()
-        for k in ("ema_sensitivity", "ema_uncertainty")
-        for t in alloc.state_dict()[k].values()
-    )
-    cols = [
-        [state / n_adapter, *memory(alloc, ours, alloc.update_and_allocate)],
-        [state / n_adapter, *memory(alloc_other, ours_other, alloc_other.update_and_allocate)],
-    ]
-    if theirs is not None:
-        ra = theirs.base_model.rankallocator
-        dicts = (ra.ipt, ra.exp_avg_ipt, ra.exp_avg_unc)
-        their_state = sum(t.numel() for d in dicts for t in d.values()) / n_adapter
-        cols.append([their_state, *memory(ra, theirs, theirs.base_model.update_and_allocate)])
+    ratios = []
+    for r in range(args.repeats):
+        ours_ms = statistics.median(times["ours"][r]) * 1e3
+        peft_ms = statistics.median(times["peft"][r]) * 1e3
+        ratios.append(peft_ms / ours_ms)
+        print(f"{r + 1:<8}{ours_ms:>10.3f}{peft_ms:>10.3f}{ratios[-1]:>12.1f}x")
+    median = statistics.median(ratios)
     print(
-        f"{'floats / adapter param':<22}{'ours':>9}{'other':>9}"
-        + ("" if theirs is None else f"{'peft':>9}")
+        f"peft / ours: median {median:.1f}x, min {min(ratios):.1f}x, max {max(ratios):.1f}x "
+        f"(median ms per call over all repeats: ours "
+        f"{statistics.median(t for ts in times['ours'] for t in ts) * 1e3:.3f}, peft "
+        f"{statistics.median(t for ts in times['peft'] for t in ts) * 1e3:.3f})"
     )
-    for i, label in enumerate(["state", "held between calls", "peak extra in a call"]):
-        print(f"{label:<22}" + "".join(f"{c[i]:>9.2f}" for c in cols))
-    if theirs is not None:
-        print(f"masked E identical after the timed run (all three): {same}")
-        print(
-            f"goal: ours >= 10x PEFT (median, all steps): {ratios['all steps']:.1f}x "
-            f"{'met' if ratios['all steps'] >= 10 else 'MISSED'}; state <= 2 floats / adapter "
-            f"param: {cols[0][0]:.2f} {'met' if cols[0][0] <= 2 else 'MISSED'}"
-        )
-
-
-def held_floats(allocator: object, model: nn.Module) -> float:
-    """Floats per adapter parameter in the tensors ``allocator`` holds that are not the
-    model's parameters (views of one buffer count once)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    own = [
-        t for t in tensors_in(allocator, depth=4) if t.untyped_storage().data_ptr() not in params
-    ]
-    n = sum(p.numel() for p in lora_params(model).values())
-    return storage_bytes(own) / 4 / n
+    print(f"masked E identical after the run: {same}")
+    print(f"goal: ours >= {GOAL:g}x PEFT (median over repeats): {median:.1f}x", end=" ")
+    print("met" if median >= GOAL and same else "MISSED")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from adalora_core import allocate, triplet_scores
 from adalora_torch import RankAllocator, SVDAdapter
-from adalora_torch._distributed import is_sharded, sharded_triplet_scores
+from adalora_torch._fsdp import is_sharded, sharded_triplet_scores
 
 
 def _max_diff(a: dict[str, Any], b: dict[str, Any]) -> float:

@@ -28,13 +28,8 @@ from torch import nn
 
 from adalora_core import allocate, triplet_scores
 from adalora_torch import RankAllocator, inject_adapters
-from adalora_torch._distributed import (
-    _local_range,
-    check_masks_agree,
-    is_rank_zero,
-    sharded_triplet_scores,
-    unwrap_model,
-)
+from adalora_torch._distributed import check_masks_agree, is_rank_zero, unwrap_model
+from adalora_torch._fsdp import _local_range, sharded_triplet_scores
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "_dist_scripts"
 
@@ -222,8 +217,17 @@ def test_check_masks_agree_is_silent_without_a_process_group() -> None:
     assert is_rank_zero()
 
 
-def test_check_masks_agree_with_one_process(world_of_one) -> None:
-    check_masks_agree(np.array([True, False]), step=3, budget=1)
+def test_check_masks_agree_with_one_process_communicates_nothing(
+    world_of_one, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group of one process has nothing to compare: no collective runs, nothing is raised."""
+    assert dist.get_world_size() == 1
+
+    def no_collective(*args: object, **kwargs: object) -> None:
+        raise AssertionError("check_masks_agree ran a collective in a group of one process")
+
+    monkeypatch.setattr(dist, "all_gather", no_collective)
+    assert check_masks_agree(np.array([True, False]), step=3, budget=1) is None
 
 
 @pytest.mark.parametrize("size", [1, 3, 4, 5, 7, 16])
@@ -293,7 +297,7 @@ def test_fsdp2_in_one_process_matches_the_plain_allocator(workers, world_of_one)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from adalora_torch._distributed import is_sharded
+    from adalora_torch._fsdp import is_sharded
 
     net = workers.build_net()
     model = workers.WithLoss(net)
