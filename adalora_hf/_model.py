@@ -8,7 +8,6 @@ Parameter names follow PEFT: the wrapped model is ``self.model`` and an adapted 
 
 from __future__ import annotations
 
-import operator
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -298,31 +297,16 @@ class AdaLoraModel(nn.Module):
         Raises ``ValueError``, changing nothing, when ``total_step`` is unset, when the step
         does not increase (a second call for one step, a step going backwards), or when an
         importance update is due and no adapter parameter has a gradient (called before
-        ``backward()`` or after ``zero_grad()``). A step whose gradients are not finite (an
-        fp16 overflow that ``GradScaler`` skips) leaves the importance as it was and is counted
-        in ``rankallocator.skipped_steps``.
+        ``backward()`` or after ``zero_grad()``: the allocator's rule, docs/allocator.md). A
+        step whose gradients are not finite (an fp16 overflow that ``GradScaler`` skips) leaves
+        the importance as it was and is counted in ``rankallocator.skipped_steps``.
         """
         name = self._trainable()
         cfg = self.peft_config[name]
         cfg.check_schedule(require_total_step=True)
         self._sync_total_step(cfg)
         allocator = self.rankallocator
-        assert allocator is not None and cfg.total_step is not None
-        try:
-            step = operator.index(global_step)
-        except TypeError:
-            step = None  # the allocator explains
-        if (
-            step is not None
-            and allocator.step < step < cfg.total_step - cfg.tfinal
-            and not allocator.finalized
-            and not self._has_gradient(name)
-        ):
-            raise ValueError(
-                f"update_and_allocate({global_step}) found no gradient on any parameter of "
-                f"adapter {name!r}: call it after loss.backward() and optimizer.step(), before "
-                "optimizer.zero_grad() (which removes the gradients it reads). Nothing changed."
-            )
+        assert allocator is not None
         budget, pattern = allocator.update_and_allocate(global_step)
         self._plain_lora.allocated()
         if pattern is None and cfg.rank_pattern is None:
@@ -330,14 +314,6 @@ class AdaLoraModel(nn.Module):
         if pattern is not None:
             cfg.rank_pattern = {pattern_key(m, name): list(mask) for m, mask in pattern.items()}
         return budget
-
-    def _has_gradient(self, adapter_name: str) -> bool:
-        # lazy: stops at the first adapter parameter with a gradient (normally in layer 0)
-        return any(
-            d[adapter_name].grad is not None
-            for _, m in _layers(self.model, adapter_name)
-            for d in (m.lora_A, m.lora_E, m.lora_B)
-        )
 
     @property
     def rank_pattern(self) -> dict[str, list[bool]] | None:
