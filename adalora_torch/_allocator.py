@@ -31,6 +31,7 @@ from adalora_core import (
     validate_schedule,
 )
 
+from ._allocator_state import CONFIG_KEYS, FORMAT, KINDS, check_state
 from ._buckets import Bucket, Triplet, check_triplet, fold_importance, keep_dict, saved_ema
 from ._distributed import check_masks_agree, unwrap_model
 from ._fsdp import ShardedBucket, is_sharded
@@ -38,13 +39,6 @@ from ._layers import iter_svd_layers
 from ._protocol import SVDAdapter
 
 __all__ = ["RankAllocator"]
-
-_FORMAT = "adalora_torch.RankAllocator/1"
-_KINDS = ("lora_A", "lora_E", "lora_B")
-_CONFIG = ("target_r", "tinit", "tfinal", "total_step", "deltaT", "beta1", "beta2")
-_STATE_KEYS: tuple[str, ...] = ("adapter_name", "module_names", "ranks", "config", "step")
-_STATE_KEYS += ("budget", "finalized", "skipped_steps", "keep", "rank_pattern")
-_STATE_KEYS += ("ema_sensitivity", "ema_uncertainty")
 
 
 def _key(triplets: list[Triplet], sharded: bool) -> list[tuple[Any, ...]]:
@@ -292,7 +286,7 @@ class RankAllocator:
         look-ups: ``ParameterDict[name]`` costs microseconds, hundreds of times a step)."""
         name, out = self.adapter_name, []
         for module, layer in zip(self._names, self._layers):
-            a, e, b = (layer._modules[k]._parameters for k in _KINDS)  # type: ignore[attr-defined]
+            a, e, b = (layer._modules[k]._parameters for k in KINDS)  # type: ignore[attr-defined]
             try:
                 out.append((a[name], e[name], b[name]))
             except KeyError:
@@ -447,11 +441,11 @@ class RankAllocator:
         ema_s: dict[str, torch.Tensor] = {}
         ema_u: dict[str, torch.Tensor] = {}
         for name, views in (self._export_ema() or {}).items():
-            for k, kind in enumerate(_KINDS):
+            for k, kind in enumerate(KINDS):
                 ema_s[f"{name}.{kind}"] = views[k].detach().clone()
                 ema_u[f"{name}.{kind}"] = views[3 + k].detach().clone()
         return {
-            "format": _FORMAT,
+            "format": FORMAT,
             "adapter_name": self.adapter_name,
             "module_names": list(self._names),
             "ranks": list(self._ranks),
@@ -467,7 +461,7 @@ class RankAllocator:
         }
 
     def _config(self) -> dict[str, Any]:
-        return {k: self._total_step if k == "total_step" else getattr(self, k) for k in _CONFIG}
+        return {k: self._total_step if k == "total_step" else getattr(self, k) for k in CONFIG_KEYS}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore a ``state_dict`` saved from an allocator over the same adapters.
@@ -478,44 +472,19 @@ class RankAllocator:
         None here is taken from the state.
         """
         sd = state_dict
-        if not isinstance(sd, Mapping) or sd.get("format") != _FORMAT:
-            raise ValueError(f"Not a RankAllocator state dict (expected format {_FORMAT!r}).")
-        missing = [k for k in _STATE_KEYS if k not in sd]
-        if missing:
-            raise ValueError(f"The allocator state dict lacks {missing}.")
-        if sd["adapter_name"] != self.adapter_name:
-            raise ValueError(
-                f"The state is for adapter {sd['adapter_name']!r}, this allocator tracks "
-                f"{self.adapter_name!r}: build it with adapter_name={sd['adapter_name']!r}."
-            )
-        if list(sd["module_names"]) != self._names or list(sd["ranks"]) != self._ranks:
-            saved = dict(zip(sd["module_names"], sd["ranks"]))
-            ours = dict(zip(self._names, self._ranks))
-            diff = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k))
-            raise ValueError(
-                "The state was saved for other adapted modules or ranks (module, saved rank, "
-                f"rank here): {[(k, saved.get(k), ours.get(k)) for k in diff[:8]]}"
-                + (" (order differs)" if not diff else "")
-                + "."
-            )
-        config, mine = dict(sd["config"]), self._config()
-        if mine["total_step"] is None:
-            mine["total_step"] = config.get("total_step")
-        changed = {k: (config.get(k), mine[k]) for k in _CONFIG if config.get(k) != mine[k]}
-        if changed:
-            raise ValueError(
-                f"The state was saved with other allocator settings ({{name: (saved, here)}}: "
-                f"{changed}); build the allocator with the saved settings to resume."
-            )
-        self._validate(mine["total_step"])
-        keep = np.asarray(sd["keep"], dtype=bool).reshape(-1)
-        if keep.shape != (self.init_budget,):
-            raise ValueError(f"keep has {keep.shape[0]} entries, expected {self.init_budget}.")
+        total_step, keep = check_state(
+            sd,
+            adapter_name=self.adapter_name,
+            names=self._names,
+            ranks=self._ranks,
+            config=self._config(),
+        )
+        self._validate(total_step)
         finalized = bool(sd["finalized"])
         triplets = self._read()
         ema = None if finalized else saved_ema(sd, self._names, triplets)
         pattern = sd["rank_pattern"]
-        self._total_step = mine["total_step"]
+        self._total_step = total_step
         self._step, self._budget = int(sd["step"]), int(sd["budget"])
         self._finalized = finalized
         self._rank_pattern = None if pattern is None else {k: list(v) for k, v in pattern.items()}
