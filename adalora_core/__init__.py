@@ -13,6 +13,7 @@ from ._allocate import masks_to_rank_pattern as masks_to_rank_pattern
 from ._allocator import Allocator as Allocator
 from ._allocator import AllocatorState as AllocatorState
 from ._allocator import Triplet as Triplet
+from ._allocator import as_triplet as as_triplet
 from ._allocator import rank_allocator as rank_allocator
 from ._importance import element_score as element_score
 from ._importance import ema as ema
@@ -29,6 +30,7 @@ __all__ = [
     "AllocatorState",
     "Triplet",
     "allocate",
+    "as_triplet",
     "budget_schedule",
     "count_parameters",
     "count_ranks",

@@ -62,11 +62,17 @@ def _as_array(x: object, what: str) -> np.ndarray:
     return a
 
 
-def _as_triplet(t: Sequence[object], what: str) -> Triplet:
-    """``t`` as a ``Triplet`` of NumPy arrays shaped A ``(r, in)``, E ``(r,)`` or ``(r, 1)``,
-    B ``(out, r)``; ``ValueError`` naming ``what`` otherwise."""
+def as_triplet(t: Sequence[object], what: str = "triplet") -> Triplet:
+    """``t`` (three array-likes: NumPy, JAX, ...) as a ``Triplet`` of floating NumPy arrays
+    shaped A ``(r, in)``, E ``(r,)`` or ``(r, 1)``, B ``(out, r)`` with one rank ``r``
+    (bfloat16 widened exactly to float32); ``ValueError`` naming ``what`` otherwise.
+
+    >>> import numpy as np
+    >>> as_triplet((np.ones((2, 3)), np.zeros(2), np.ones((4, 2)))).E.shape
+    (2,)
+    """
     if len(t) != 3:
-        raise ValueError(f"{what} must be a Triplet (A, E, B), got {len(t)} arrays.")
+        raise ValueError(f"{what} must be (A, E, B) (a Triplet), got {len(t)} arrays.")
     a, e, b = (_as_array(x, f"{what}.{n}") for x, n in zip(t, "AEB"))
     r = a.shape[0] if a.ndim == 2 else -1
     if a.ndim != 2 or b.ndim != 2 or b.shape[1] != r or e.shape not in ((r,), (r, 1)):
@@ -127,7 +133,7 @@ def rank_allocator(
         return init_budget, target_r * len(masks)
 
     def init(params: Sequence[Triplet]) -> AllocatorState:
-        params = [_as_triplet(p, f"params[{m}]") for m, p in enumerate(params)]
+        params = [as_triplet(p, f"params[{m}]") for m, p in enumerate(params)]
         if not params:
             raise ValueError("rank_allocator.init needs at least one adapted matrix.")
         masks = tuple(np.ones(p.E.reshape(-1).shape[0], dtype=bool) for p in params)
@@ -186,8 +192,8 @@ def rank_allocator(
                 f"expected {len(state.masks)} matrices, got {len(params)} params and "
                 f"{len(grads)} grads."
             )
-        params = [_as_triplet(p, f"params[{m}]") for m, p in enumerate(params)]
-        grads = [_as_triplet(g, f"grads[{m}]") for m, g in enumerate(grads)]
+        params = [as_triplet(p, f"params[{m}]") for m, p in enumerate(params)]
+        grads = [as_triplet(g, f"grads[{m}]") for m, g in enumerate(grads)]
         for m, (p, g, ema_p) in enumerate(zip(params, grads, state.ema_sensitivity)):
             _check_shapes(p, ema_p, f"params[{m}]", "the matrix given to init")
             _check_shapes(g, p, f"grads[{m}]", f"params[{m}]")

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from adalora_core import as_triplet
 from adalora_torch._inject import name_matches
 
 from ._config import AdaLoraConfig
@@ -33,32 +34,18 @@ from ._serialization import (
 __all__ = ["save_adapter_arrays"]
 
 
-def _as_float_array(x: object, where: str) -> np.ndarray:
-    a = np.asarray(x)
-    if a.dtype.name == "bfloat16":  # JAX's bfloat16 (ml_dtypes): exact in float32
-        a = a.astype(np.float32)
-    if a.dtype.kind != "f":
-        raise ValueError(f"{where} has dtype {a.dtype}: pass floating arrays.")
-    if not np.isfinite(a).all():
-        raise ValueError(
-            f"{where} holds NaN or inf: the adapter diverged; save it from a finite step."
-        )
-    return a
-
-
 def _checked_triplet(module: str, triplet: Sequence[object], init_r: int) -> list[np.ndarray]:
-    if len(triplet) != 3:
-        raise ValueError(f"arrays[{module!r}] must be (A, E, B), got {len(triplet)} arrays.")
-    a, e, b = (_as_float_array(x, f"arrays[{module!r}].{n}") for x, n in zip(triplet, "AEB"))
-    r = a.shape[0] if a.ndim == 2 else -1
-    if a.ndim != 2 or b.ndim != 2 or b.shape[1] != r or e.shape not in ((r,), (r, 1)):
-        raise ValueError(
-            f"arrays[{module!r}] has shapes A {a.shape}, E {e.shape}, B {b.shape}: expected "
-            "A (r, in_features), E (r,) or (r, 1) and B (out_features, r) with one rank r."
-        )
+    what = f"arrays[{module!r}]"
+    a, e, b = as_triplet(triplet, what)  # floating, shapes of one rank: the core's rule
+    for x, part in zip((a, e, b), "AEB"):
+        if not np.isfinite(x).all():
+            raise ValueError(
+                f"{what}.{part} holds NaN or inf: the adapter diverged; save it from a finite step."
+            )
+    r = a.shape[0]
     if r != init_r:
         raise ValueError(
-            f"arrays[{module!r}] has rank {r} but config.init_r is {init_r}: pass the arrays at "
+            f"{what} has rank {r} but config.init_r is {init_r}: pass the arrays at "
             "their full rank (the masks shrink them) and the config they were trained with."
         )
     return [a, e.reshape(r, 1), b]
