@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from ._config import AdaLoraConfig
+from ._save_load import live_tensors
 from ._serialization import (
     CONFIG_NAME,
     PEFT_PREFIX,
@@ -28,7 +29,6 @@ from ._serialization import (
     pattern_key,
     read_weights,
 )
-from ._save_load import live_tensors
 
 if TYPE_CHECKING:
     from ._model import AdaLoraModel
@@ -80,9 +80,9 @@ def reload_weights(
             )
         module, _, kind = key.removeprefix(PEFT_PREFIX).rpartition(".")
         mask = masks.get(module)
-        if kind in _RANK_DIM and mask is not None and value.shape != dst.shape:
-            if value.dim() == dst.dim() and value.shape[_RANK_DIM[kind]] == sum(mask):
-                value = _expand(value, mask, kind)
+        shrunk = mask is not None and kind in _RANK_DIM and value.shape != dst.shape
+        if shrunk and value.dim() == dst.dim() and value.shape[_RANK_DIM[kind]] == sum(mask):
+            value = _expand(value, mask, kind)
         if tuple(value.shape) != tuple(dst.shape):
             raise ValueError(
                 f"{path}: {key} has shape {tuple(value.shape)} in the file, adapter "

@@ -50,8 +50,8 @@ __all__ = [
     "adapter_state_keys",
     "drop_base_entries",
     "filter_missing_base_keys",
-    "load_weights",
     "live_tensors",
+    "load_weights",
     "prepare_load",
     "save_adapters",
 ]

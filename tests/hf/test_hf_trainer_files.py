@@ -82,7 +82,9 @@ def test_evaluate_reports_eval_loss_with_default_arguments(make_base, tmp_path) 
 def test_checkpoints_hold_peft_files_on_tied_models(make_base, tmp_path, kind) -> None:
     # GPT-2 and T5 tie their input and output embeddings
     model = get_peft_model(make_base(kind), _config(kind))
-    cls, args_cls = (Seq2SeqTrainer, Seq2SeqTrainingArguments) if kind == "t5" else (Trainer, TrainingArguments)
+    cls, args_cls = (
+        (Seq2SeqTrainer, Seq2SeqTrainingArguments) if kind == "t5" else (Trainer, TrainingArguments)
+    )
     trainer = cls(
         model=model, args=_args(tmp_path, args_cls), train_dataset=_data(kind),
         callbacks=[AdaLoraCallback()],
@@ -162,7 +164,9 @@ class _PeftsOptimizerStepCallback(TrainerCallback):
 
 
 def test_pefts_documented_callback_survives_checkpoints(make_base, tmp_path) -> None:
-    config = AdaLoraConfig(init_r=4, target_r=2, tinit=1, tfinal=1, total_step=4, task_type="SEQ_CLS")
+    config = AdaLoraConfig(
+        init_r=4, target_r=2, tinit=1, tfinal=1, total_step=4, task_type="SEQ_CLS"
+    )
     model = get_peft_model(make_base("bert"), config)
     trainer = Trainer(
         model=model, args=_args(tmp_path), train_dataset=_data("bert"),
