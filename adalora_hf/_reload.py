@@ -79,9 +79,8 @@ def reload_weights(
                 f"file belongs to another base model or target_modules (see its {CONFIG_NAME})."
             )
         module, _, kind = key.removeprefix(PEFT_PREFIX).rpartition(".")
-        mask = masks.get(module)
-        shrunk = mask is not None and kind in _RANK_DIM and value.shape != dst.shape
-        if shrunk and value.dim() == dst.dim() and value.shape[_RANK_DIM[kind]] == sum(mask):
+        mask = masks.get(module) if kind in _RANK_DIM and value.shape != dst.shape else None
+        if mask and value.dim() == dst.dim() and value.shape[_RANK_DIM[kind]] == sum(mask):
             value = _expand(value, mask, kind)
         if tuple(value.shape) != tuple(dst.shape):
             raise ValueError(
