@@ -184,8 +184,15 @@ class AdaLoraCallback(TrainerCallback):
         model: Any = None,
         **kwargs: Any,
     ) -> None:
-        """Close the checkpoint window."""
-        find_adalora_model(model).adapter_only_state_dict = False
+        """Close the checkpoint window; after ``load_best_model_at_end`` (the Trainer has put
+        the best checkpoint's adapter weights back) restore that checkpoint's allocator state,
+        so the rank pattern (which ``save_pretrained`` shrinks by) is the one of those
+        weights."""
+        adalora = find_adalora_model(model)
+        adalora.adapter_only_state_dict = False
+        best = state.best_model_checkpoint
+        if args.load_best_model_at_end and best and os.path.isdir(best):
+            adalora.load_allocator_state(best)
 
     def on_save(
         self,

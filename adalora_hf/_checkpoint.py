@@ -122,8 +122,9 @@ def restore_allocator(owner: AdaLoraModel, directory: str) -> bool:
         return False
     if cfg.total_step is None and allocator.total_step is not None:
         cfg.total_step = owner._allocator_total_step = allocator.total_step
-    pattern = allocator.rank_pattern
-    if pattern is not None:
-        cfg.rank_pattern = {pattern_key(m, name): list(v) for m, v in pattern.items()}
+    pattern = allocator.rank_pattern  # None: saved before the first allocation
+    cfg.rank_pattern = (
+        None if pattern is None else {pattern_key(m, name): list(v) for m, v in pattern.items()}
+    )
     owner._plain_lora.allocated()
     return True

@@ -4,6 +4,7 @@ embeddings included), load_best_model_at_end, with and without peft installed.""
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -136,6 +137,15 @@ def test_load_best_model_at_end_restores_the_best_adapter(make_base, tmp_path) -
         if key in params:
             torch.testing.assert_close(params[key].detach(), value, msg=key)
     assert trainer.evaluate()["eval_loss"] == pytest.approx(recorder.losses[best], rel=1e-5)
+    # the rank pattern is the best checkpoint's too, so the saved adapter is those weights
+    saved_config = json.loads((tmp_path / f"checkpoint-{best}" / "adapter_config.json").read_text())
+    pattern = model.base_model.peft_config["default"].rank_pattern
+    expected = saved_config["rank_pattern"]
+    assert (pattern and {k.removesuffix(".default"): v for k, v in pattern.items()}) == expected
+    model.save_pretrained(tmp_path / "final")
+    reloaded = AdaLoraModel.from_pretrained(make_base("bert"), tmp_path / "final")
+    batch = TINY["bert"].batch(3)
+    torch.testing.assert_close(_logits(reloaded, batch), _logits(model, batch))
 
 
 def test_trainer_without_peft_installed(make_base, tmp_path, monkeypatch) -> None:
