@@ -33,7 +33,7 @@ from ._keywords import check_load_keywords, check_save_keywords
 from ._modules_to_save import wrap_modules_to_save, wrappers
 from ._plain_lora import PlainLoraWatch
 from ._plan import Plan, plan_adapter
-from ._reload import LoadResult, reload_weights
+from ._reload import LoadResult
 from ._serialization import check_adapter_name, module_masks, pattern_key
 from ._signature import ForwardWithSignature
 
@@ -447,15 +447,10 @@ class AdaLoraModel(nn.Module):
         path_initial_model_for_weight_conversion: str | None = None,
         **kwargs: Any,
     ) -> None:
-        """Write PEFT's files: ``adapter_config.json``, ``adapter_model.safetensors`` (or,
-        with ``safe_serialization=False``, ``adapter_model.bin`` as PEFT) and ``README.md``.
-
-        PEFT's signature; the ``"default"`` adapter goes into ``save_directory``, any other
-        into ``save_directory/<name>``. Tensors are shrunk by the rank pattern, the config has
-        ``inference_mode=True``: ``peft.PeftModel.from_pretrained`` and ours load the result.
-        Keywords that cannot be honoured raise ``ValueError`` (``_keywords``). Crash-safe
-        (docs/errors.md, "Saving"); bad arguments raise before anything is written.
-        """
+        """PEFT's files and signature: ``adapter_config.json`` (``inference_mode=True``),
+        ``adapter_model.safetensors`` (``.bin`` if not ``safe_serialization``) shrunk by the
+        rank pattern, ``README.md``; ``"default"`` in ``save_directory``, others in
+        ``save_directory/<name>``. Crash-safe; keywords not honoured raise ``ValueError``."""
         check_save_keywords(save_embedding_layers, path_initial_model_for_weight_conversion, kwargs)
         if not (is_main_process and is_rank_zero()):  # under torch.distributed: rank 0 writes
             return
@@ -480,25 +475,13 @@ class AdaLoraModel(nn.Module):
         key_mapping: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> LoadResult:
-        """Load an adapter saved by ``save_pretrained`` here or by PEFT (``.safetensors``, or
-        ``.bin`` read with ``torch.load(weights_only=True)``); PEFT's signature and result.
-
-        A new name adds the adapter; a name the model has gets its weights replaced, as PEFT
-        (``_reload``). Everything is checked before the model changes (docs/errors.md).
-        ``torch_device`` and ``low_cpu_mem_usage`` change nothing here (tensors go to each
-        layer's device); unsupported keywords raise ``ValueError`` (``_keywords``).
-        """
+        """Load an adapter saved here or by PEFT (``.bin`` with ``weights_only=True``); PEFT's
+        signature and result. A name the model has gets its weights replaced, as PEFT. All is
+        checked before the model changes; unsupported keywords raise (``_keywords``)."""
         check_adapter_name(adapter_name)
         config = kwargs.pop("config", None)
         check_load_keywords(autocast_adapter_dtype, ephemeral_gpu_offload, key_mapping, kwargs)
-        if adapter_name in self.peft_config:
-            return reload_weights(self, model_id, adapter_name)
-        plan, weights = _save_load.prepare_load(self, model_id, adapter_name, is_trainable, config)
-        self._apply_plan(plan)
-        _save_load.load_weights(self.model, plan, weights)
-        if not is_trainable:
-            self.eval()
-        return LoadResult([], [])
+        return _save_load.load_adapter(self, model_id, adapter_name, is_trainable, config)
 
     @classmethod
     def from_pretrained(
@@ -510,10 +493,8 @@ class AdaLoraModel(nn.Module):
         config: AdaLoraConfig | None = None,
         **kwargs: Any,
     ) -> AdaLoraModel:
-        """Wrap ``model`` with the adapter saved at ``model_id`` (a local directory);
-        ``config`` replaces the saved ``adapter_config.json``; other keywords as
-        ``load_adapter``. ``is_trainable=False`` (PEFT's default) loads it frozen, in eval mode.
-        """
+        """Wrap ``model`` with the adapter saved at ``model_id`` (a local directory), frozen
+        in eval mode unless ``is_trainable``; ``config`` replaces the saved one."""
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._setup(model)

@@ -16,9 +16,12 @@ import os
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
+from torch import nn
+
+from adalora_torch._layers import iter_svd_layers
 
 from ._config import AdaLoraConfig
-from ._save_load import live_tensors
+from ._modules_to_save import wrappers
 from ._serialization import (
     CONFIG_NAME,
     PEFT_PREFIX,
@@ -28,12 +31,13 @@ from ._serialization import (
     module_masks,
     pattern_key,
     read_weights,
+    triplet_key,
 )
 
 if TYPE_CHECKING:
     from ._model import AdaLoraModel
 
-__all__ = ["LoadResult", "reload_weights"]
+__all__ = ["LoadResult", "live_tensors", "reload_weights"]
 
 _RANK_DIM = dict(zip(TRIPLET_KINDS, (0, 0, 1)))
 
@@ -45,6 +49,20 @@ class LoadResult(NamedTuple):
 
     missing_keys: list[str]
     unexpected_keys: list[str]
+
+
+def live_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """File key -> the live tensor of an adapter: its triplets and ``modules_to_save`` copies."""
+    targets: dict[str, torch.Tensor] = {}
+    for path, layer in iter_svd_layers(model, adapter_name):
+        for kind in TRIPLET_KINDS:
+            targets[triplet_key(path, kind)] = getattr(layer, kind)[adapter_name]
+    for path, wrapper in wrappers(model):
+        if adapter_name in wrapper.modules_to_save:
+            copy_ = wrapper.modules_to_save[adapter_name]
+            for k, v in copy_.state_dict(keep_vars=True).items():
+                targets[file_key(f"{path}.{k}")] = v
+    return targets
 
 
 def _expand(value: torch.Tensor, mask: list[bool], kind: str) -> torch.Tensor:

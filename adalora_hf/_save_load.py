@@ -25,6 +25,7 @@ from ._io import write_files_atomic
 from ._model_card import write_model_card
 from ._modules_to_save import wrappers
 from ._plan import Plan, bias_params, inside, plan_adapter
+from ._reload import LoadResult, live_tensors, reload_weights
 from ._serialization import (
     CONFIG_NAME,
     PEFT_PREFIX,
@@ -50,7 +51,7 @@ __all__ = [
     "adapter_state_keys",
     "drop_base_entries",
     "filter_missing_base_keys",
-    "live_tensors",
+    "load_adapter",
     "load_weights",
     "prepare_load",
     "save_adapters",
@@ -336,20 +337,6 @@ def _check_weights(
             )
 
 
-def live_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-    """File key -> the live tensor of an adapter: its triplets and ``modules_to_save`` copies."""
-    targets: dict[str, torch.Tensor] = {}
-    for path, layer in iter_svd_layers(model, adapter_name):
-        for kind in TRIPLET_KINDS:
-            targets[triplet_key(path, kind)] = getattr(layer, kind)[adapter_name]
-    for path, wrapper in wrappers(model):
-        if adapter_name in wrapper.modules_to_save:
-            copy_ = wrapper.modules_to_save[adapter_name]
-            for k, v in copy_.state_dict(keep_vars=True).items():
-                targets[file_key(f"{path}.{k}")] = v
-    return targets
-
-
 def load_weights(model: nn.Module, plan: Plan, weights: Mapping[str, torch.Tensor]) -> None:
     """Copy the checked tensors of the file into the adapter ``plan`` created in ``model``."""
     targets = live_tensors(model, plan.adapter_name)
@@ -363,3 +350,22 @@ def load_weights(model: nn.Module, plan: Plan, weights: Mapping[str, torch.Tenso
         for key, dst in targets.items():
             value = weights[key]
             dst.copy_(value.to(dst.device, dst.dtype))
+
+
+def load_adapter(
+    owner: AdaLoraModel,
+    model_id: str | os.PathLike[str],
+    adapter_name: str,
+    is_trainable: bool,
+    config: AdaLoraConfig | None,
+) -> LoadResult:
+    """``AdaLoraModel.load_adapter`` once the keywords are checked: a new adapter is planned,
+    checked, created and filled; an existing one gets its weights replaced (``_reload``)."""
+    if adapter_name in owner.peft_config:
+        return reload_weights(owner, model_id, adapter_name)
+    plan, weights = prepare_load(owner, model_id, adapter_name, is_trainable, config)
+    owner._apply_plan(plan)
+    load_weights(owner.model, plan, weights)
+    if not is_trainable:
+        owner.eval()
+    return LoadResult([], [])
