@@ -5,6 +5,7 @@ embeddings included), load_best_model_at_end, with and without peft installed.""
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 
 import pytest
@@ -149,10 +150,12 @@ def test_load_best_model_at_end_restores_the_best_adapter(make_base, tmp_path) -
 
 
 def test_trainer_without_peft_installed(make_base, tmp_path, monkeypatch) -> None:
-    # Trainer asks transformers.utils.is_peft_available (imported by name into its modules)
-    # whether to look for peft.PeftModel; make every such import answer False
+    # Trainer asks transformers.utils.is_peft_available (imported by name into
+    # transformers.trainer and, in 5.x, transformers.trainer_utils) whether to look for
+    # peft.PeftModel: make those answer False, and make any `import peft` fail
     for module in (transformers.trainer, transformers.trainer_utils):
         monkeypatch.setattr(module, "is_peft_available", lambda: False, raising=False)
+    monkeypatch.setitem(sys.modules, "peft", None)
     model = get_peft_model(make_base("gpt2"), _config("gpt2"))
     trainer = Trainer(
         model=model, args=_args(tmp_path), train_dataset=_data("gpt2"),
