@@ -1,19 +1,19 @@
 """The ``README.md`` model card ``save_pretrained`` writes next to the adapter, as PEFT does.
 
-A new card is a short text with Hub metadata (``library_name: peft``, so the Hub offers PEFT's
-loading snippet, the base model when known, tags ``adalora``); an existing ``README.md`` (the
-user's own, or one from an earlier save) is kept and only gets a line naming the library
-version under ``### Framework versions`` when it lacks one, as PEFT updates its card.
+The card is a short text with Hub metadata (``library_name: peft``, so the Hub offers PEFT's
+loading snippet, the base model when known, tags ``adalora``) and the library version. It is
+written with the adapter's files, as one set (``_save_load.save_adapters``). A ``README.md``
+that is not this card (the user's own, or one of another version) is never touched: PEFT
+adds its metadata to such a file, but a save here changes no file it did not write (``_io``).
 """
 
 from __future__ import annotations
 
 import os
 
-from ._io import write_file_atomic
 from ._serialization import README_NAME
 
-__all__ = ["write_model_card"]
+__all__ = ["model_card_bytes"]
 
 _VERSIONS_HEADING = "### Framework versions"
 
@@ -45,19 +45,12 @@ def _new_card(base_model: str | None, version_line: str) -> str:
     return "\n".join([*meta, "---", "", *body, ""])
 
 
-def write_model_card(directory: str, base_model: str | None) -> None:
-    """Create ``directory/README.md``, or add the version line to an existing one."""
+def model_card_bytes(directory: str, base_model: str | None) -> bytes | None:
+    """The ``README.md`` to write into ``directory`` with the adapter, or None when the
+    directory has a ``README.md`` that is not this card (the user's own, kept untouched)."""
+    card = _new_card(base_model, f"- adalora {_version()}").encode("utf-8")
     path = os.path.join(directory, README_NAME)
-    version_line = f"- adalora {_version()}"
     if not os.path.isfile(path):
-        write_file_atomic(path, _new_card(base_model, version_line).encode("utf-8"))
-        return
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    if version_line in lines:
-        return
-    if _VERSIONS_HEADING in lines:
-        lines.insert(lines.index(_VERSIONS_HEADING) + 2, version_line)
-    else:
-        lines += [_VERSIONS_HEADING, "", version_line]
-    write_file_atomic(path, ("\n".join(lines) + "\n").encode("utf-8"))
+        return card
+    with open(path, "rb") as f:
+        return card if f.read() == card else None

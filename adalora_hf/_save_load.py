@@ -21,8 +21,8 @@ from torch import nn
 from adalora_torch._layers import iter_svd_layers
 
 from ._config import AdaLoraConfig
-from ._io import write_files_atomic
-from ._model_card import write_model_card
+from ._io import write_file_atomic, write_files_atomic
+from ._model_card import model_card_bytes
 from ._modules_to_save import wrappers
 from ._plan import Plan, bias_params, inside, plan_adapter
 from ._reload import LoadResult, live_tensors, reload_weights
@@ -30,6 +30,7 @@ from ._serialization import (
     CONFIG_NAME,
     PEFT_PREFIX,
     PICKLE_NAME,
+    README_NAME,
     TRIPLET_KINDS,
     WEIGHTS_NAME,
     check_config_stamp,
@@ -174,13 +175,16 @@ def save_adapters(
         state = adapter_state_dict(owner, name)
         blob = weights_bytes(state, cfg.to_dict()) if safe_serialization else pickle_bytes(state)
         contents.append({weights_name: blob, CONFIG_NAME: cfg.to_json_bytes()})
+    card = model_card_bytes(save_directory, owner.model.__dict__.get("name_or_path") or None)
+    if card is not None and outs[0] == save_directory:
+        contents[0][README_NAME] = card  # one set with the default adapter's files
     for out, files in zip(outs, contents):
         write_files_atomic(out, files)
         old = os.path.join(out, stale)
         if os.path.isfile(old):  # the loader prefers safetensors: drop the other format
             os.remove(old)
-    os.makedirs(save_directory, exist_ok=True)
-    write_model_card(save_directory, owner.model.__dict__.get("name_or_path") or None)
+    if card is not None and outs[0] != save_directory:
+        write_file_atomic(os.path.join(save_directory, README_NAME), card)
 
 
 # -- loading ----------------------------------------------------------------------------------

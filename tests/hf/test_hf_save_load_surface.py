@@ -211,9 +211,8 @@ def test_an_existing_readme_is_kept(make_base, schedule, tmp_path) -> None:
     model = get_peft_model(make_base("bert"), _config(schedule))
     model.save_pretrained(tmp_path)
     model.save_pretrained(tmp_path)
-    text = (tmp_path / "README.md").read_text()
-    assert text.startswith("# My adapter\n\nNotes.\n")
-    assert text.count("- adalora ") == 1
+    # a file the save did not write is never touched (PEFT adds its metadata to it)
+    assert (tmp_path / "README.md").read_text() == "# My adapter\n\nNotes.\n"
 
 
 class _FakeHub:
