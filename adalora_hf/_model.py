@@ -423,8 +423,7 @@ class AdaLoraModel(nn.Module):
         """Write the rank allocator's state (importance EMAs, step, pattern) into
         ``directory``, without pickle, so a resumed run allocates as an uninterrupted one."""
         self._trainable()
-        assert self.rankallocator is not None
-        save_allocator_state(self.rankallocator, os.fspath(directory))
+        save_allocator_state(self.rankallocator, os.fspath(directory))  # type: ignore[arg-type]
 
     def load_allocator_state(self, directory: str | os.PathLike[str]) -> bool:
         """Restore what ``save_allocator_state`` wrote; False when ``directory`` has none."""
@@ -432,9 +431,8 @@ class AdaLoraModel(nn.Module):
 
     # -- saving and loading (PEFT's files: see _save_load and _serialization) ------------------
     def adapter_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-        """The tensors PEFT saves for an adapter, under PEFT's file keys, shrunk by its
-        rank pattern: ``base_model.model.<path>.lora_A|lora_E|lora_B``, the ``bias`` mode's
-        biases and the ``modules_to_save`` copies (``base_model.model.<module>.<param>``)."""
+        """The tensors PEFT saves for an adapter, under PEFT's file keys, shrunk by its rank
+        pattern (triplets, the ``bias`` mode's biases, the ``modules_to_save`` copies)."""
         return _save_load.adapter_state_dict(self, adapter_name)
 
     def save_pretrained(
@@ -459,8 +457,7 @@ class AdaLoraModel(nn.Module):
         )
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
-        """Upload the adapter (``save_pretrained``'s files, never the base model) to the Hub
-        repository ``repo_id``; keywords as PEFT's (``_hub.push_adapter_to_hub``)."""
+        """Upload ``save_pretrained``'s files (never the base model) to ``repo_id`` (``_hub``)."""
         return push_adapter_to_hub(self, repo_id, **kwargs)
 
     def load_adapter(
