@@ -72,10 +72,18 @@ class AdaLoraCallback(TrainerCallback):
       ends with exactly ``target_r · n`` triplets kept.
     - ``on_log``: adds ``adalora_budget`` (triplets the schedule allows) and
       ``adalora_total_rank`` (triplets kept now) to the logs.
-    - Checkpoints: between the end of a step and the start of the next (when the Trainer
-      saves) the model's ``state_dict()`` holds the adapter entries only, as PEFT's
-      checkpoints do, and ``on_save`` adds the allocator state (``adalora_allocator.json`` +
-      ``.safetensors``) to the checkpoint directory.
+    - Checkpoints (how ``Trainer`` sees our models): ``Trainer`` treats a model as PEFT's only
+      when it is an instance of ``peft.PeftModel``, so for ours it writes
+      ``model.state_dict()`` to ``model.safetensors`` and, on ``resume_from_checkpoint`` and
+      ``load_best_model_at_end``, loads that file back with ``load_state_dict(strict=False)``.
+      Between the end of a step and the start of the next (when the Trainer saves) the
+      model's ``state_dict()`` holds the adapter entries only, so that file is small and tied
+      embeddings (GPT-2, OPT, T5) never reach safetensors twice; ``on_save`` then adds PEFT's
+      files (``adapter_config.json``, ``adapter_model.safetensors``, ``README.md``: what
+      ``save_pretrained`` writes, loadable by ``peft.PeftModel.from_pretrained``) and the
+      allocator state (``adalora_allocator.json`` + ``.safetensors``). This works with and
+      without ``peft`` installed. ``trainer.save_model()`` runs no callback: call
+      ``model.save_pretrained(output_dir)`` for the adapter files (docs/hf.md).
     """
 
     def __init__(self) -> None:
@@ -176,8 +184,15 @@ class AdaLoraCallback(TrainerCallback):
         model: Any = None,
         **kwargs: Any,
     ) -> None:
-        """Close the checkpoint window."""
-        find_adalora_model(model).adapter_only_state_dict = False
+        """Close the checkpoint window; after ``load_best_model_at_end`` (the Trainer has put
+        the best checkpoint's adapter weights back) restore that checkpoint's allocator state,
+        so the rank pattern (which ``save_pretrained`` shrinks by) is the one of those
+        weights."""
+        adalora = find_adalora_model(model)
+        adalora.adapter_only_state_dict = False
+        best = state.best_model_checkpoint
+        if args.load_best_model_at_end and best and os.path.isdir(best):
+            adalora.load_allocator_state(best)
 
     def on_save(
         self,
@@ -187,11 +202,13 @@ class AdaLoraCallback(TrainerCallback):
         model: Any = None,
         **kwargs: Any,
     ) -> None:
-        """Write the allocator state next to the checkpoint the Trainer just saved."""
+        """Write PEFT's adapter files and the allocator state into the checkpoint the Trainer
+        just saved."""
         adalora = find_adalora_model(model)
         adalora.adapter_only_state_dict = False  # the checkpoint is written: close the window
         directory = _checkpoint_dir(args, state)
         if state.is_world_process_zero and os.path.isdir(directory):
+            adalora.save_pretrained(directory)  # PEFT's files, for PeftModel.from_pretrained
             adalora.save_allocator_state(directory)
 
     def on_log(

@@ -26,12 +26,15 @@ from adalora_torch._distributed import is_rank_zero
 from adalora_torch._layers import iter_svd_layers
 
 from . import _save_load
-from ._checkpoint import load_allocator_state, save_allocator_state
+from ._checkpoint import restore_allocator, save_allocator_state
 from ._config import AdaLoraConfig
+from ._hub import push_adapter_to_hub
+from ._keywords import check_load_keywords, check_save_keywords
 from ._modules_to_save import wrap_modules_to_save, wrappers
 from ._plain_lora import PlainLoraWatch
 from ._plan import Plan, plan_adapter
-from ._serialization import module_masks, pattern_key
+from ._reload import LoadResult
+from ._serialization import check_adapter_name, module_masks, pattern_key
 from ._signature import ForwardWithSignature
 
 __all__ = ["AdaLoraModel"]
@@ -406,10 +409,7 @@ class AdaLoraModel(nn.Module):
         entries, so checkpoints are small and tied weights never reach safetensors twice."""
         out = super().state_dict(*args, **kwargs)
         if self.adapter_only_state_dict:
-            prefix = kwargs.get("prefix", "")
-            keep = {prefix + k for k in self.adapter_state_keys()}
-            for key in [k for k in out if k.startswith(prefix) and k not in keep]:
-                del out[key]
+            _save_load.drop_base_entries(self, out, kwargs.get("prefix", ""))
         return out
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
@@ -423,78 +423,62 @@ class AdaLoraModel(nn.Module):
         """Write the rank allocator's state (importance EMAs, step, pattern) into
         ``directory``, without pickle, so a resumed run allocates as an uninterrupted one."""
         self._trainable()
-        assert self.rankallocator is not None
-        save_allocator_state(self.rankallocator, os.fspath(directory))
+        save_allocator_state(self.rankallocator, os.fspath(directory))  # type: ignore[arg-type]
 
     def load_allocator_state(self, directory: str | os.PathLike[str]) -> bool:
         """Restore what ``save_allocator_state`` wrote; False when ``directory`` has none."""
-        name = self._trainable()
-        assert self.rankallocator is not None
-        cfg = self.peft_config[name]
-        if cfg.total_step is not None:
-            self._sync_total_step(cfg)
-        if not load_allocator_state(self.rankallocator, os.fspath(directory)):
-            return False
-        total_step = self.rankallocator.total_step
-        if cfg.total_step is None and total_step is not None:
-            cfg.total_step = self._allocator_total_step = total_step
-        pattern = self.rankallocator.rank_pattern
-        if pattern is not None:
-            cfg.rank_pattern = {pattern_key(m, name): list(v) for m, v in pattern.items()}
-        self._plain_lora.allocated()
-        return True
+        return restore_allocator(self, os.fspath(directory))
 
     # -- saving and loading (PEFT's files: see _save_load and _serialization) ------------------
     def adapter_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-        """The tensors PEFT saves for an adapter, under PEFT's file keys, shrunk by its
-        rank pattern: ``base_model.model.<path>.lora_A|lora_E|lora_B``, the ``bias`` mode's
-        biases and the ``modules_to_save`` copies (``base_model.model.<module>.<param>``)."""
+        """The tensors PEFT saves for an adapter, under PEFT's file keys, shrunk by its rank
+        pattern (triplets, the ``bias`` mode's biases, the ``modules_to_save`` copies)."""
         return _save_load.adapter_state_dict(self, adapter_name)
 
     def save_pretrained(
         self,
         save_directory: str | os.PathLike[str],
+        safe_serialization: bool = True,
         selected_adapters: list[str] | None = None,
+        save_embedding_layers: str | bool = "auto",
         is_main_process: bool = True,
+        path_initial_model_for_weight_conversion: str | None = None,
+        **kwargs: Any,
     ) -> None:
-        """Write PEFT's files: ``adapter_config.json`` and ``adapter_model.safetensors``.
-
-        The ``"default"`` adapter goes into ``save_directory``, any other adapter into
-        ``save_directory/<name>`` (as PEFT). Tensors are shrunk by the rank pattern and the
-        config is written with ``inference_mode=True``, so ``peft.PeftModel.from_pretrained``
-        and ``AdaLoraModel.from_pretrained`` both load the result.
-
-        Crash-safe: a directory holding only a previous adapter is replaced as a whole (the new
-        files are written next to it and swapped in); in a directory with other files each
-        adapter file is replaced atomically, and a pair from two saves is refused at load
-        (docs/errors.md, "Saving"). Unknown ``selected_adapters`` or a path that is a file
-        raise ``ValueError`` before anything is written.
-        """
+        """PEFT's files and signature: ``adapter_config.json`` (``inference_mode=True``),
+        ``adapter_model.safetensors`` (``.bin`` if not ``safe_serialization``) shrunk by the
+        rank pattern, ``README.md``; ``"default"`` in ``save_directory``, others in
+        ``save_directory/<name>``. Crash-safe; keywords not honoured raise ``ValueError``."""
+        check_save_keywords(save_embedding_layers, path_initial_model_for_weight_conversion, kwargs)
         if not (is_main_process and is_rank_zero()):  # under torch.distributed: rank 0 writes
             return
-        _save_load.save_adapters(self, os.fspath(save_directory), selected_adapters)
+        _save_load.save_adapters(
+            self, os.fspath(save_directory), selected_adapters, safe_serialization
+        )
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        """Upload ``save_pretrained``'s files (never the base model) to ``repo_id`` (``_hub``)."""
+        return push_adapter_to_hub(self, repo_id, **kwargs)
 
     def load_adapter(
         self,
         model_id: str | os.PathLike[str],
         adapter_name: str,
         is_trainable: bool = False,
-    ) -> None:
-        """Load an adapter saved by ``save_pretrained`` here or by PEFT (safetensors only).
-
-        A shrunk adapter (a ``rank_pattern`` in its config) gets per-module ranks from the
-        pattern and keeps ``ranknum = init_r``, so its outputs are the saved model's.
-
-        Everything is checked before the model changes: the files (present, readable, from one
-        save), the config, the rank pattern against the adapted modules, and every tensor of
-        the file (no key missing or extra, shapes, dtypes, finite values). On any error the
-        model is exactly as before (docs/errors.md lists the errors).
-        """
-        plan, weights = _save_load.prepare_load(self, model_id, adapter_name, is_trainable)
-        self._apply_plan(plan)
-        _save_load.load_weights(self.model, plan, weights)
-        if not is_trainable:
-            self.eval()
+        torch_device: str | None = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> LoadResult:
+        """Load an adapter saved here or by PEFT (``.bin`` with ``weights_only=True``); PEFT's
+        signature and result. A name the model has gets its weights replaced, as PEFT. All is
+        checked before the model changes; unsupported keywords raise (``_keywords``)."""
+        check_adapter_name(adapter_name)
+        config = kwargs.pop("config", None)
+        check_load_keywords(autocast_adapter_dtype, ephemeral_gpu_offload, key_mapping, kwargs)
+        return _save_load.load_adapter(self, model_id, adapter_name, is_trainable, config)
 
     @classmethod
     def from_pretrained(
@@ -503,14 +487,14 @@ class AdaLoraModel(nn.Module):
         model_id: str | os.PathLike[str],
         adapter_name: str = "default",
         is_trainable: bool = False,
+        config: AdaLoraConfig | None = None,
+        **kwargs: Any,
     ) -> AdaLoraModel:
-        """Wrap ``model`` with the adapter saved at ``model_id`` (a local directory).
-
-        ``is_trainable=False`` (the default, as PEFT) loads it frozen in eval mode.
-        """
+        """Wrap ``model`` with the adapter saved at ``model_id`` (a local directory), frozen
+        in eval mode unless ``is_trainable``; ``config`` replaces the saved one."""
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._setup(model)
         self.active_adapters = [adapter_name]
-        self.load_adapter(model_id, adapter_name, is_trainable=is_trainable)
+        self.load_adapter(model_id, adapter_name, is_trainable, config=config, **kwargs)
         return self

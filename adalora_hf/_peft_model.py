@@ -102,22 +102,26 @@ class AdaLoraPeftModel(nn.Module):
         """Print the trainable and total parameter counts, as PEFT does."""
         self.base_model.print_trainable_parameters()
 
-    def save_pretrained(
-        self,
-        save_directory: str | os.PathLike[str],
-        selected_adapters: list[str] | None = None,
-        is_main_process: bool = True,
-    ) -> None:
-        """PEFT's files, see ``AdaLoraModel.save_pretrained``."""
-        self.base_model.save_pretrained(save_directory, selected_adapters, is_main_process)
+    def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
+        """PEFT's files; keywords as ``AdaLoraModel.save_pretrained``."""
+        self.base_model.save_pretrained(save_directory, **kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        """Upload the adapter, see ``AdaLoraModel.push_to_hub``."""
+        return self.base_model.push_to_hub(repo_id, **kwargs)
 
     def load_adapter(
-        self, model_id: str | os.PathLike[str], adapter_name: str, is_trainable: bool = False
-    ) -> None:
-        """See ``AdaLoraModel.load_adapter``."""
-        self.base_model.load_adapter(model_id, adapter_name, is_trainable=is_trainable)
+        self,
+        model_id: str | os.PathLike[str],
+        adapter_name: str,
+        is_trainable: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """See ``AdaLoraModel.load_adapter`` (PEFT's keywords and result)."""
+        result = self.base_model.load_adapter(model_id, adapter_name, is_trainable, **kwargs)
         if not is_trainable:
             self.eval()
+        return result
 
     def merge_and_unload(
         self,
@@ -140,14 +144,15 @@ class AdaLoraPeftModel(nn.Module):
         model_id: str | os.PathLike[str],
         adapter_name: str = "default",
         is_trainable: bool = False,
+        config: AdaLoraConfig | None = None,
+        **kwargs: Any,
     ) -> AdaLoraPeftModel:
-        """Load an adapter saved here or by PEFT onto ``model`` (see
+        """Load an adapter saved here or by PEFT onto ``model`` (keywords as
         ``AdaLoraModel.from_pretrained``)."""
-        wrapper = cls(
-            AdaLoraModel.from_pretrained(
-                model, model_id, adapter_name=adapter_name, is_trainable=is_trainable
-            )
+        inner = AdaLoraModel.from_pretrained(
+            model, model_id, adapter_name, is_trainable, config=config, **kwargs
         )
+        wrapper = cls(inner)
         return wrapper if is_trainable else wrapper.eval()
 
 

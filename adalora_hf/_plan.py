@@ -23,6 +23,7 @@ from adalora_torch._layers import iter_svd_layers
 
 from ._config import AdaLoraConfig
 from ._modules_to_save import wrappers
+from ._serialization import check_adapter_name
 from ._targets import default_target_modules
 
 __all__ = ["Plan", "bias_params", "inside", "plan_adapter"]
@@ -115,11 +116,7 @@ def plan_adapter(
             f"config must be an adalora_hf.AdaLoraConfig, got {type(config).__name__}; "
             "this library implements AdaLoRA only."
         )
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise ValueError(
-            f"adapter_name must be a non-empty string without '.', got {adapter_name!r} "
-            "(it becomes part of parameter names such as lora_A.<adapter_name>)."
-        )
+    check_adapter_name(adapter_name)
     if adapter_name in existing:
         raise ValueError(
             f"Adapter {adapter_name!r} already exists; pick another name or delete_adapter "

@@ -21,18 +21,23 @@ from torch import nn
 from adalora_torch._layers import iter_svd_layers
 
 from ._config import AdaLoraConfig
-from ._io import write_files_atomic
+from ._io import write_file_atomic, write_files_atomic
+from ._model_card import model_card_bytes
 from ._modules_to_save import wrappers
 from ._plan import Plan, bias_params, inside, plan_adapter
+from ._reload import LoadResult, live_tensors, reload_weights
 from ._serialization import (
     CONFIG_NAME,
     PEFT_PREFIX,
+    PICKLE_NAME,
+    README_NAME,
     TRIPLET_KINDS,
     WEIGHTS_NAME,
     check_config_stamp,
     file_key,
     module_masks,
     pattern_key,
+    pickle_bytes,
     read_weights,
     shrink_state_dict,
     triplet_key,
@@ -45,7 +50,9 @@ if TYPE_CHECKING:
 __all__ = [
     "adapter_state_dict",
     "adapter_state_keys",
+    "drop_base_entries",
     "filter_missing_base_keys",
+    "load_adapter",
     "load_weights",
     "prepare_load",
     "save_adapters",
@@ -74,6 +81,13 @@ def adapter_state_keys(owner: AdaLoraModel) -> set[str]:
             keys.update(f"model.{path}.modules_to_save.{name}.{k}" for k in copy_.state_dict())
     keys.update(n for n, p in owner.named_parameters() if p.requires_grad)
     return keys
+
+
+def drop_base_entries(owner: AdaLoraModel, state: dict[str, Any], prefix: str) -> None:
+    """Remove from ``state`` (``owner.state_dict(prefix=prefix)``) the base model's entries."""
+    keep = {prefix + k for k in adapter_state_keys(owner)}
+    for key in [k for k in state if k.startswith(prefix) and k not in keep]:
+        del state[key]
 
 
 def filter_missing_base_keys(result: Any, state_dict: Any, owned: set[str], strict: bool) -> Any:
@@ -126,10 +140,14 @@ def _config_to_save(owner: AdaLoraModel, adapter_name: str) -> AdaLoraConfig:
 
 
 def save_adapters(
-    owner: AdaLoraModel, save_directory: str, selected_adapters: list[str] | None
+    owner: AdaLoraModel,
+    save_directory: str,
+    selected_adapters: list[str] | None,
+    safe_serialization: bool = True,
 ) -> None:
-    """Write PEFT's two files for each selected adapter (see ``AdaLoraModel.save_pretrained``):
-    everything is checked and serialised before the first byte is written."""
+    """Write PEFT's files for each selected adapter and the model card (see
+    ``AdaLoraModel.save_pretrained``): everything is checked and serialised before the first
+    byte is written."""
     names = list(owner.peft_config) if selected_adapters is None else list(selected_adapters)
     unknown = [n for n in names if n not in owner.peft_config]
     if unknown:
@@ -139,9 +157,12 @@ def save_adapters(
         )
     names.sort(key=lambda n: n != "default")  # the top directory first
     outs = [save_directory if n == "default" else os.path.join(save_directory, n) for n in names]
-    for out in outs:
+    for out in [save_directory, *outs]:
         if os.path.exists(out) and not os.path.isdir(out):
             raise ValueError(f"{out!r} is a file; pass a directory to save the adapter into.")
+    weights_name, stale = (WEIGHTS_NAME, PICKLE_NAME)
+    if not safe_serialization:
+        weights_name, stale = stale, weights_name
     contents: list[dict[str, bytes]] = []
     for name in names:
         cfg = _config_to_save(owner, name)
@@ -151,10 +172,19 @@ def save_adapters(
                 "refuses AdaLoRA configs without total_step (adalora loads them).",
                 name,
             )
-        blob = weights_bytes(adapter_state_dict(owner, name), cfg.to_dict())
-        contents.append({WEIGHTS_NAME: blob, CONFIG_NAME: cfg.to_json_bytes()})
+        state = adapter_state_dict(owner, name)
+        blob = weights_bytes(state, cfg.to_dict()) if safe_serialization else pickle_bytes(state)
+        contents.append({weights_name: blob, CONFIG_NAME: cfg.to_json_bytes()})
+    card = model_card_bytes(save_directory, owner.model.__dict__.get("name_or_path") or None)
+    if card is not None and outs[0] == save_directory:
+        contents[0][README_NAME] = card  # one set with the default adapter's files
     for out, files in zip(outs, contents):
         write_files_atomic(out, files)
+        old = os.path.join(out, stale)
+        if os.path.isfile(old):  # the loader prefers safetensors: drop the other format
+            os.remove(old)
+    if card is not None and outs[0] != save_directory:
+        write_file_atomic(os.path.join(save_directory, README_NAME), card)
 
 
 # -- loading ----------------------------------------------------------------------------------
@@ -185,21 +215,35 @@ def _pattern_ranks(
     return ranks
 
 
-def prepare_load(
-    owner: AdaLoraModel, model_id: str | os.PathLike[str], adapter_name: str, is_trainable: bool
-) -> tuple[Plan, dict[str, torch.Tensor]]:
-    """Read the adapter directory ``model_id`` and check everything against ``owner`` (see
-    ``AdaLoraModel.load_adapter``), touching nothing: the plan to apply and the tensors."""
+def _adapter_dir(model_id: str | os.PathLike[str]) -> str:
     path = os.fspath(model_id)
     if os.path.isfile(path):
         raise ValueError(
             f"{path!r} is a file: pass the adapter's directory (the one holding "
             f"{CONFIG_NAME} and {WEIGHTS_NAME})."
         )
-    config = AdaLoraConfig.from_pretrained(path)
+    return path
+
+
+def prepare_load(
+    owner: AdaLoraModel,
+    model_id: str | os.PathLike[str],
+    adapter_name: str,
+    is_trainable: bool,
+    config: AdaLoraConfig | None = None,
+) -> tuple[Plan, dict[str, torch.Tensor]]:
+    """Read the adapter directory ``model_id`` and check everything against ``owner`` (see
+    ``AdaLoraModel.load_adapter``), touching nothing: the plan to apply and the tensors.
+    ``config``: used instead of the directory's ``adapter_config.json`` (PEFT's
+    ``from_pretrained(..., config=...)``)."""
+    path = _adapter_dir(model_id)
+    given = config is not None
+    config = copy.deepcopy(config) if given else AdaLoraConfig.from_pretrained(path)
+    assert config is not None
     config.inference_mode = not is_trainable
     weights, metadata = read_weights(path)
-    check_config_stamp(metadata, config.to_dict(), path)
+    if not given:  # a config the caller passes replaces the saved one: the tensors are checked
+        check_config_stamp(metadata, config.to_dict(), path)
     masks = module_masks(config.rank_pattern, adapter_name)
 
     def plan(ranks: Mapping[str, int] | None = None) -> Plan:
@@ -299,16 +343,7 @@ def _check_weights(
 
 def load_weights(model: nn.Module, plan: Plan, weights: Mapping[str, torch.Tensor]) -> None:
     """Copy the checked tensors of the file into the adapter ``plan`` created in ``model``."""
-    adapter_name = plan.adapter_name
-    targets: dict[str, torch.Tensor] = {}
-    for path, layer in iter_svd_layers(model, adapter_name):
-        for kind in TRIPLET_KINDS:
-            targets[triplet_key(path, kind)] = getattr(layer, kind)[adapter_name]
-    for path, wrapper in wrappers(model):
-        if adapter_name in wrapper.modules_to_save:
-            copy_ = wrapper.modules_to_save[adapter_name]
-            for k, v in copy_.state_dict(keep_vars=True).items():
-                targets[file_key(f"{path}.{k}")] = v
+    targets = live_tensors(model, plan.adapter_name)
     params = {file_key(n): p for n, p in model.named_parameters()}
     for key in weights:
         if key not in targets:  # a bias of the bias mode (checked by _check_weights)
@@ -319,3 +354,22 @@ def load_weights(model: nn.Module, plan: Plan, weights: Mapping[str, torch.Tenso
         for key, dst in targets.items():
             value = weights[key]
             dst.copy_(value.to(dst.device, dst.dtype))
+
+
+def load_adapter(
+    owner: AdaLoraModel,
+    model_id: str | os.PathLike[str],
+    adapter_name: str,
+    is_trainable: bool,
+    config: AdaLoraConfig | None,
+) -> LoadResult:
+    """``AdaLoraModel.load_adapter`` once the keywords are checked: a new adapter is planned,
+    checked, created and filled; an existing one gets its weights replaced (``_reload``)."""
+    if adapter_name in owner.peft_config:
+        return reload_weights(owner, model_id, adapter_name)
+    plan, weights = prepare_load(owner, model_id, adapter_name, is_trainable, config)
+    owner._apply_plan(plan)
+    load_weights(owner.model, plan, weights)
+    if not is_trainable:
+        owner.eval()
+    return LoadResult([], [])

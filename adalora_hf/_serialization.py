@@ -16,6 +16,7 @@ See docs/design.md for the format.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -34,11 +35,13 @@ __all__ = [
     "STAMPED_FIELDS",
     "TRIPLET_KINDS",
     "WEIGHTS_NAME",
+    "check_adapter_name",
     "check_config_stamp",
     "file_key",
     "load_weights",
     "module_masks",
     "pattern_key",
+    "pickle_bytes",
     "read_weights",
     "save_weights",
     "shrink_state_dict",
@@ -50,7 +53,8 @@ __all__ = [
 CONFIG_NAME = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLE_NAME = "adapter_model.bin"  # PEFT's pickled weights: never loaded, named in errors
+PICKLE_NAME = "adapter_model.bin"  # safe_serialization=False; read with weights_only=True
+README_NAME = "README.md"  # the model card save_pretrained writes (see _model_card)
 STAMP_KEY = "adalora_config"
 # an adapter layer's tensors in the file (``ranknum`` is not saved: it is init_r)
 TRIPLET_KINDS = ("lora_A", "lora_E", "lora_B")
@@ -67,6 +71,25 @@ STAMPED_FIELDS = (
     "layers_pattern",
     "rank_pattern",
 )
+
+
+def check_adapter_name(adapter_name: object) -> str:
+    """Return ``adapter_name`` if it can name an adapter, else raise ``ValueError``.
+
+    An adapter name is part of parameter names (``lora_A.<adapter_name>``) and, when several
+    adapters are saved, the name of a subdirectory (``<save_directory>/<adapter_name>``), so it
+    must be one safe path component: a non-empty string without ``.`` (which also excludes
+    ``.`` and ``..``), ``/``, ``\\`` or NUL (which excludes absolute paths).
+    """
+    bad = [c for c in (".", "/", "\\", "\0") if isinstance(adapter_name, str) and c in adapter_name]
+    if not isinstance(adapter_name, str) or not adapter_name or bad:
+        raise ValueError(
+            f"adapter_name must be a non-empty string without '.', '/', '\\' or NUL, got "
+            f"{adapter_name!r}: it becomes part of parameter names (lora_A.<adapter_name>) and "
+            "the name of the subdirectory save_pretrained writes it into. Pick a plain name "
+            "such as 'default' or 'task_b'."
+        )
+    return adapter_name
 
 
 def file_key(name: str) -> str:
@@ -157,6 +180,14 @@ def weights_bytes(
     return bytes(save(tensors, metadata=metadata))
 
 
+def pickle_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
+    """``adapter_model.bin`` as bytes (``torch.save`` of contiguous CPU copies), what PEFT writes
+    with ``safe_serialization=False``. It carries no config stamp (see ``weights_bytes``)."""
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}, buffer)
+    return buffer.getvalue()
+
+
 def save_weights(
     state: Mapping[str, torch.Tensor], directory: str, config: Mapping[str, Any] | None = None
 ) -> str:
@@ -198,33 +229,43 @@ def check_config_stamp(metadata: Mapping[str, str], config: Mapping[str, Any], w
 
 
 def read_weights(directory: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """``(tensors, metadata)`` of ``adapter_model.safetensors`` in ``directory``.
+    """``(tensors, metadata)`` of the adapter weights in ``directory``.
 
-    Raises ``FileNotFoundError`` when it is missing, ``ValueError`` when only the pickled
-    ``adapter_model.bin`` is there (never loaded; the message says how to convert it) or
-    when the file is truncated or corrupted.
+    ``adapter_model.safetensors`` is preferred; without it, PEFT's ``adapter_model.bin``
+    (``safe_serialization=False``) is read with ``torch.load(weights_only=True)``, which
+    refuses anything but tensors and plain containers (no code runs), and has no metadata.
+    Raises ``FileNotFoundError`` when neither is there, ``ValueError`` when the file is
+    truncated, corrupted or not a mapping of tensors.
     """
     path = os.path.join(directory, WEIGHTS_NAME)
-    if not os.path.isfile(path):
-        pickled = os.path.join(directory, PICKLE_NAME)
-        if os.path.isfile(pickled):
-            raise ValueError(
-                f"{directory!r} holds only {PICKLE_NAME} (pickle), which adalora never loads: "
-                "re-save the adapter with safetensors (PEFT: save_pretrained(..., "
-                "safe_serialization=True), the default), or convert the file if you trust it: "
-                f'python -c "import torch; from safetensors.torch import save_file; '
-                f"save_file(torch.load('{pickled}', weights_only=True), "
-                f"'{path}')\"."
-            )
-        raise FileNotFoundError(
-            f"No {WEIGHTS_NAME} in {directory!r}: pass the directory written by save_pretrained "
-            "(nothing is downloaded from the Hub)."
-        )
-    return read_safetensors(
-        path,
+    hint = (
         "the file is truncated or corrupted (an interrupted copy or download?). Save or copy "
-        "the adapter again.",
+        "the adapter again."
     )
+    if os.path.isfile(path):
+        return read_safetensors(path, hint)
+    pickled = os.path.join(directory, PICKLE_NAME)
+    if os.path.isfile(pickled):
+        return _read_pickle(pickled, hint), {}
+    raise FileNotFoundError(
+        f"No {WEIGHTS_NAME} (or {PICKLE_NAME}) in {directory!r}: pass the directory written by "
+        "save_pretrained (nothing is downloaded from the Hub)."
+    )
+
+
+def _read_pickle(path: str, hint: str) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        raise ValueError(
+            f"{path} cannot be read with torch.load(weights_only=True) ({err}): {hint} Only "
+            "tensors are loaded from pickled files, never objects that run code."
+        ) from err
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise ValueError(f"{path} does not hold a mapping of names to tensors: {hint}")
+    return state
 
 
 def read_safetensors(path: str, hint: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -240,6 +281,5 @@ def read_safetensors(path: str, hint: str) -> tuple[dict[str, torch.Tensor], dic
 
 
 def load_weights(directory: str) -> dict[str, torch.Tensor]:
-    """Read ``adapter_model.safetensors`` from ``directory``; pickled files are refused (see
-    ``read_weights``)."""
+    """Read the adapter weights from ``directory`` (see ``read_weights``)."""
     return read_weights(directory)[0]

@@ -5,6 +5,13 @@
 none, so every input column would be dropped. The descriptor below gives each instance a
 ``forward`` whose ``__signature__`` is the wrapped model's, without touching the class-level
 function, so copies and pickles of the wrapper stay plain modules.
+
+On the class, ``forward`` reports ``(self, *args, labels=None, **kwargs)``: ``Trainer`` finds
+the label columns with ``find_labels(type(model))`` (PEFT models are unwrapped first, ours are
+not), and a class-level signature without ``labels`` gives ``label_names == []``, so
+``evaluate()`` would report no ``eval_loss``. ``labels`` is the name transformers' models use
+(question answering, with ``start_positions``/``end_positions``, needs
+``TrainingArguments(label_names=[...])``).
 """
 
 from __future__ import annotations
@@ -45,6 +52,13 @@ class ForwardWithSignature:
     def __init__(self, impl: Callable[..., Any]) -> None:
         self.impl = impl
         functools.update_wrapper(self, impl)  # type: ignore[arg-type]
+        params = [
+            inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+            inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL),
+            inspect.Parameter("labels", inspect.Parameter.KEYWORD_ONLY, default=None),
+            inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD),
+        ]
+        impl.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
 
     def __get__(self, obj: Any, objtype: type | None = None) -> Callable[..., Any]:
         impl = self.impl

@@ -18,6 +18,7 @@ import adalora_hf._io as io_
 from adalora_hf import AdaLoraConfig, AdaLoraModel
 
 NAMES = ("adapter_config.json", "adapter_model.safetensors")
+SAVED = sorted(["README.md", *NAMES])  # what save_pretrained writes: the adapter and its card
 
 
 class Crash(Exception):
@@ -121,10 +122,7 @@ def test_adapter_saves_into_dot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.chdir(tmp_path)
     model.save_pretrained(".")
     model.save_pretrained("./")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "adapter_config.json",
-        "adapter_model.safetensors",
-    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == SAVED
 
 
 @pytest.mark.parametrize(
@@ -174,7 +172,7 @@ def test_swap_without_exchange_leaves_no_backup(
     monkeypatch.setattr(io_, "_exchange", lambda a, b: False)
     model.save_pretrained(tmp_path / "adapter")
     assert _entries(tmp_path) == ["adapter"]
-    assert _entries(tmp_path / "adapter") == sorted(NAMES)
+    assert _entries(tmp_path / "adapter") == SAVED
 
 
 def test_shared_directory_keeps_other_files_and_refuses_a_mixed_pair(
@@ -219,7 +217,7 @@ def test_stale_temporaries_are_ignored(
     (tmp_path / "adapter.tmp-999999").mkdir()  # a killed process's directory
     AdaLoraModel.from_pretrained(rel.tiny_bert(), target)
     model.save_pretrained(target)  # still only adapter files: replaced as a whole
-    assert _entries(target) == sorted(NAMES)
+    assert _entries(target) == SAVED
 
 
 def test_a_backup_left_by_a_crash_is_named_in_the_error(

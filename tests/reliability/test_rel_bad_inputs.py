@@ -332,8 +332,8 @@ def _weights_missing(env: Env) -> Callable[[], object]:
     return _load(env, path)
 
 
-@case("weights-pickle-only")
-def _weights_pickle(env: Env) -> Callable[[], object]:
+@case("weights-bin-not-tensors")
+def _weights_bin_not_tensors(env: Env) -> Callable[[], object]:
     path = env.adapter()
     (path / WEIGHTS).rename(path / "adapter_model.bin")
     return _load(env, path)
@@ -464,11 +464,11 @@ def _two_saves(env: Env) -> Callable[[], object]:
     return _load(env, path)
 
 
-@case("load-existing-adapter-name")
-def _load_existing(env: Env) -> Callable[[], object]:
+@case("adapter-name-path")
+def _adapter_name_path(env: Env) -> Callable[[], object]:
     model = env.watch(AdaLoraModel.from_pretrained(env.rel.tiny_bert(), env.adapter()))
     path = env.adapter("mid")
-    return lambda: model.load_adapter(path, "default")
+    return lambda: model.load_adapter(path, "../elsewhere")
 
 
 @case("load-trainable-below-target-budget")
