@@ -52,15 +52,10 @@ def prepare_model_for_kbit_training(
         if type(param) is nn.Parameter and param.dtype in _HALF:
             param.data = param.data.to(torch.float32)
     if use_gradient_checkpointing and _is_quantized(model):
-        enable = getattr(model, "gradient_checkpointing_enable", None)
-        if enable is None:
-            raise ValueError(
-                f"{type(model).__name__} has no gradient_checkpointing_enable (not a "
-                "transformers model); pass use_gradient_checkpointing=False."
-            )
-        if kwargs.get("use_reentrant", True):
+        kwargs.setdefault("use_reentrant", True)  # torch's default, said out loud (no warning)
+        if kwargs["use_reentrant"]:
             _inputs_require_grad(model)
-        enable(gradient_checkpointing_kwargs=kwargs)
+        _enable_checkpointing(model, kwargs)
     return model
 
 
@@ -72,3 +67,18 @@ def _inputs_require_grad(model: nn.Module) -> None:
             "gradient_checkpointing_kwargs={'use_reentrant': False}."
         )
     method()
+
+
+def _enable_checkpointing(model: nn.Module, kwargs: dict[str, Any]) -> None:
+    # transformers >= 5 names it activation checkpointing; the old name warns there
+    new = getattr(model, "activation_checkpointing_enable", None)
+    if new is not None:
+        new(activation_checkpointing_kwargs=kwargs)
+        return
+    old = getattr(model, "gradient_checkpointing_enable", None)
+    if old is None:
+        raise ValueError(
+            f"{type(model).__name__} has no gradient_checkpointing_enable (not a transformers "
+            "model); pass use_gradient_checkpointing=False."
+        )
+    old(gradient_checkpointing_kwargs=kwargs)
