@@ -54,6 +54,10 @@ def dequantize_weight(base: Any) -> torch.Tensor:
         if getattr(state, "packing_format_for_cpu", False):
             # the CPU inference kernels repack the weight on first eval forward; undo that
             data, state = bf._convert_weight_packed_for_cpu_inverse(data, state)
+            if not state.nested and state.absmax.dim() == 2:
+                # bitsandbytes 0.50's inverse leaves a plain absmax in the packed layout,
+                # (in / blocksize, out) bfloat16; back to one scale per block, in order
+                state.absmax = state.absmax.T.reshape(-1).to(torch.float32)
             weight.data, weight.quant_state = data, state
             base.quant_state = state
         return bf.dequantize_4bit(data, state).to(torch.float32)

@@ -211,3 +211,30 @@ def test_other_quantized_layers_are_refused_by_name_and_type(make, named) -> Non
 def test_adalora_torch_does_not_import_bitsandbytes() -> None:
     code = "import sys, adalora_torch; assert 'bitsandbytes' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_dequantizing_a_4bit_weight_packed_by_cpu_inference_keeps_its_values(
+    bnb, double_quant
+) -> None:
+    # bitsandbytes' CPU kernels repack a 4-bit weight on the first eval forward (where the CPU
+    # has AVX512-BF16), absmax in bfloat16; a merge must read the same weight back
+    torch.manual_seed(0)
+    base = bnb.nn.Linear4bit(  # 2 blocks per row
+        2 * IN, OUT, compute_dtype=torch.float32, compress_statistics=double_quant
+    )
+    with torch.no_grad():  # blocks of very different scales, so a mixed-up order shows
+        base.weight.data *= torch.linspace(0.05, 2.0, 2 * IN)
+    base = base.to("cpu")
+    layer = SVDLinear4bit(base, RANK, 8.0, init_weights=False)
+    before = dequantize_weight(base)
+    x = torch.randn(3, 2 * IN)
+    layer.eval()
+    with torch.no_grad():
+        expected = layer(x)
+        if not getattr(base.weight.quant_state, "packing_format_for_cpu", False):
+            pytest.skip("this CPU has no AVX512-BF16: bitsandbytes does not repack")
+        after = dequantize_weight(base)
+        torch.testing.assert_close(after, before, rtol=2**-6, atol=0)  # bfloat16 scales
+        layer.merge(safe_merge=True)
+        torch.testing.assert_close(layer(x), expected, rtol=0, atol=0.05)
