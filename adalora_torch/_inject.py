@@ -14,10 +14,8 @@ from ._layers import SVDConv2d, SVDEmbedding, SVDLinear, _SVDLayerBase, is_conv1
 
 __all__ = ["inject_adapters", "mark_only_adapters_trainable"]
 
-_SUPPORTED = (
-    "nn.Linear, transformers' Conv1D, nn.Conv2d (groups=1), nn.Embedding and bitsandbytes' "
-    "Linear8bitLt/Linear4bit"
-)
+# (bitsandbytes' Linear8bitLt/Linear4bit are nn.Linear subclasses)
+_SUPPORTED = "nn.Linear, transformers' Conv1D, nn.Conv2d (groups=1) and nn.Embedding"
 
 # packages and class names of quantized layers whose storage we cannot dequantize and
 # requantize (GPTQ, AWQ, HQQ, torchao, quanto, EETQ, AQLM, fp8, ...), detected by name so that
