@@ -139,6 +139,25 @@ def test_merge_requantizes_within_half_a_grid_step(bnb, kind) -> None:
 
 
 @pytest.mark.parametrize("kind", ["8bit", "4bit"])
+def test_merging_a_zero_update_leaves_the_quantized_weight_as_it_was(bnb, kind) -> None:
+    # the generic SVDLinear once added float updates into int8 storage: 61% of the entries of
+    # a q_proj changed; requantizing an unchanged weight must give it back
+    model = _net(bnb, kind)
+    inject_adapters(model, ["0"], rank=RANK)  # E = 0: ΔW = 0
+    layer = model[0]
+    storage, values = layer.weight.detach().clone(), dequantize_weight(layer.base_layer)
+    # int8 and the 4-bit codes come back exactly; with double quantization (the default of
+    # Linear4bit) the 8-bit-quantized block scales are quantized again: relative 2**-7 at most
+    tol = {"rtol": 0, "atol": 0} if kind == "8bit" else {"rtol": 2**-7, "atol": 0}
+    layer.merge()
+    torch.testing.assert_close(dequantize_weight(layer.base_layer), values, **tol)
+    if kind == "8bit":
+        assert torch.equal(layer.weight, storage)
+    layer.unmerge()
+    torch.testing.assert_close(dequantize_weight(layer.base_layer), values, **tol)
+
+
+@pytest.mark.parametrize("kind", ["8bit", "4bit"])
 def test_safe_merge_refuses_non_finite_weights_and_leaves_the_base(bnb, kind) -> None:
     model = _net(bnb, kind)
     inject_adapters(model, ["0"], rank=RANK)
