@@ -12,6 +12,7 @@ and load in either library. ``AdaLoraCallback`` runs the rank allocation in
 from ._arrays import save_adapter_arrays as save_adapter_arrays
 from ._callback import AdaLoraCallback as AdaLoraCallback
 from ._config import AdaLoraConfig as AdaLoraConfig
+from ._kbit import prepare_model_for_kbit_training as prepare_model_for_kbit_training
 from ._model import AdaLoraModel as AdaLoraModel
 from ._modules_to_save import ModulesToSaveWrapper as ModulesToSaveWrapper
 from ._peft_model import AdaLoraPeftModel as AdaLoraPeftModel
@@ -30,5 +31,6 @@ __all__ = [
     "PeftModel",
     "default_target_modules",
     "get_peft_model",
+    "prepare_model_for_kbit_training",
     "save_adapter_arrays",
 ]

@@ -1,6 +1,8 @@
 """adalora_torch: SVD adapter layers, orthogonal regularisation, the rank allocator hook."""
 
 from ._allocator import RankAllocator as RankAllocator
+from ._bnb import SVDLinear4bit as SVDLinear4bit
+from ._bnb import SVDLinear8bitLt as SVDLinear8bitLt
 from ._inject import inject_adapters as inject_adapters
 from ._inject import mark_only_adapters_trainable as mark_only_adapters_trainable
 from ._layers import SVDConv2d as SVDConv2d
@@ -17,6 +19,8 @@ __all__ = [
     "SVDConv2d",
     "SVDEmbedding",
     "SVDLinear",
+    "SVDLinear4bit",
+    "SVDLinear8bitLt",
     "inject_adapters",
     "mark_only_adapters_trainable",
     "orthogonal_penalty",

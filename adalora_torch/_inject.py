@@ -6,13 +6,47 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
+import torch
 from torch import nn
 
+from ._bnb import bnb_layer_class
 from ._layers import SVDConv2d, SVDEmbedding, SVDLinear, _SVDLayerBase, is_conv1d, iter_svd_layers
 
 __all__ = ["inject_adapters", "mark_only_adapters_trainable"]
 
+# (bitsandbytes' Linear8bitLt/Linear4bit are nn.Linear subclasses)
 _SUPPORTED = "nn.Linear, transformers' Conv1D, nn.Conv2d (groups=1) and nn.Embedding"
+
+# packages and class names of quantized layers whose storage we cannot dequantize and
+# requantize (GPTQ, AWQ, HQQ, torchao, quanto, EETQ, AQLM, fp8, ...), detected by name so that
+# none of them is imported
+_QUANT_PACKAGES = (
+    "auto_gptq", "gptqmodel", "awq", "hqq", "torchao", "optimum", "quanto", "eetq", "aqlm",
+    "vptq", "fbgemm_gpu", "compressed_tensors", "bitsandbytes", "exllama", "marlin", "spqr",
+)  # fmt: skip
+_QUANT_NAME = re.compile(r"(?i)quant|gptq|awq|hqq|marlin|exllama|fp8|int8|int4|[48]bit")
+
+
+def _unsupported_quantized(module: nn.Module) -> str | None:
+    """Why ``module`` is a quantized layer we cannot adapt safely, or None."""
+    if isinstance(module, _SVDLayerBase) or bnb_layer_class(module) is not None:
+        return None  # ours, or bitsandbytes 8-bit/4-bit: merged by dequantize, add, requantize
+    cls = type(module)
+    weight = getattr(module, "weight", None)
+    wtype = type(weight)
+    if cls.__module__.split(".")[0] in _QUANT_PACKAGES or _QUANT_NAME.search(cls.__name__):
+        what = f"a quantized layer ({cls.__module__}.{cls.__qualname__})"
+    elif isinstance(weight, torch.Tensor) and wtype.__module__.split(".")[0] != "torch":
+        what = f"a layer whose weight is a {wtype.__module__}.{wtype.__qualname__}"
+    elif isinstance(weight, torch.Tensor) and not weight.dtype.is_floating_point:
+        what = f"a {cls.__name__} whose weight has the non-floating dtype {weight.dtype}"
+    else:
+        return None
+    return (
+        f"{what}; adapters on quantized layers are supported only for bitsandbytes' "
+        "Linear8bitLt and Linear4bit, whose merges dequantize, add and requantize (merging "
+        "a float update into other integer storage would silently damage the model)"
+    )
 
 
 def name_matches(name: str, targets: Sequence[str] | str) -> bool:
@@ -117,7 +151,7 @@ def plan_adapters(
         matched.append(name)
         if layer_filter is not None and _layer_index(name, layers_pattern) not in layer_filter:
             continue
-        dims = _adapter_dims(module)
+        dims = _unsupported_quantized(module) or _adapter_dims(module)
         if isinstance(dims, str):
             raise ValueError(
                 f"Module {name!r} matches the targets but is {dims}; supported types are "
@@ -248,6 +282,9 @@ def _wrap(
         return SVDConv2d(module, *args, **kw)
     if isinstance(module, nn.Embedding):
         return SVDEmbedding(module, *args, **kw)
+    bnb_class = bnb_layer_class(module)
+    if bnb_class is not None:
+        return bnb_class(module, *args, **kw)
     # nn.Linear or Conv1D (plan_adapters refused anything else)
     return SVDLinear(module, *args, fan_in_fan_out=fan_in_fan_out or is_conv1d(module), **kw)
 

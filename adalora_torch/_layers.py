@@ -231,28 +231,30 @@ class _SVDLayerBase(nn.Module):
         unknown = [n for n in names if n not in self.lora_A]
         if unknown:
             raise ValueError(f"Unknown adapters {unknown}; this layer has {list(self.lora_A)}.")
-        weight = self.weight
         for name in names:
             if name in self.merged_adapters:
                 continue
-            delta = self.get_delta_weight(name).detach()
             with torch.no_grad():
-                if safe_merge:
-                    merged = weight.detach().to(torch.float32) + delta
-                    if not torch.isfinite(merged).all():
-                        raise ValueError(
-                            f"Merging adapter {name!r} gives non-finite weights; the adapter "
-                            "is broken (NaN/inf in A, E or B). The base weight is unchanged."
-                        )
-                    weight.copy_(merged.to(weight.dtype))
-                else:
-                    weight.add_(delta.to(weight.dtype))
+                self._add_to_weight(self.get_delta_weight(name).detach(), name, safe_merge)
             self.merged_adapters.append(name)
 
-    def _unmerge_one(self, name: str) -> None:
+    def _add_to_weight(self, delta: torch.Tensor, name: str, safe_merge: bool) -> None:
+        # the one place a merge writes the base weight (quantized layers override it)
         weight = self.weight
+        if safe_merge:
+            merged = weight.detach().to(torch.float32) + delta
+            if not torch.isfinite(merged).all():
+                raise ValueError(
+                    f"Merging adapter {name!r} gives non-finite weights; the adapter "
+                    "is broken (NaN/inf in A, E or B). The base weight is unchanged."
+                )
+            weight.copy_(merged.to(weight.dtype))
+        else:
+            weight.add_(delta.to(weight.dtype))
+
+    def _unmerge_one(self, name: str) -> None:
         with torch.no_grad():
-            weight.sub_(self.get_delta_weight(name).detach().to(weight.dtype))
+            self._add_to_weight(-self.get_delta_weight(name).detach(), name, False)
         self.merged_adapters.remove(name)
 
     def unmerge(self) -> None:
@@ -327,9 +329,10 @@ class SVDLinear(_SVDLayerBase):
                 f"SVDLinear wraps nn.Linear or transformers' Conv1D, got {type(base).__name__}."
             )
         self.fan_in_fan_out = fan_in_fan_out
-        rows, cols = self.weight.shape
-        # nn.Linear stores (out, in), Conv1D (in, out)
-        self.in_features, self.out_features = (rows, cols) if fan_in_fan_out else (cols, rows)
+        if isinstance(base, nn.Linear):  # its own sizes: a bitsandbytes 4-bit weight is packed
+            self.in_features, self.out_features = base.in_features, base.out_features
+        else:  # Conv1D stores (in, out)
+            self.in_features, self.out_features = self.weight.shape
         self.add_adapter(adapter_name, rank, alpha, dropout, init_weights, ranknum=ranknum)
 
     def _a_cols(self) -> int:
