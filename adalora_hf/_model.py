@@ -115,6 +115,12 @@ class AdaLoraModel(nn.Module):
         return self.model.forward
 
     @property
+    def _hf_peft_config_loaded(self) -> bool:
+        # transformers' flag for "trainable adapters are attached": its Trainer refuses a
+        # quantized base model without it
+        return self.trainable_adapter_name is not None
+
+    @property
     def active_adapter(self) -> str:
         """The first active adapter."""
         return self.active_adapters[0]

@@ -299,3 +299,29 @@ def test_preparation_leaves_a_full_precision_model_without_checkpointing(load) -
     model = prepare_model_for_kbit_training(load("opt", None, dtype=torch.float16))
     assert not _checkpointing(model)
     assert all(p.dtype == torch.float32 and not p.requires_grad for p in model.parameters())
+
+
+def test_trainer_trains_a_4bit_base_with_the_callback(load, tmp_path) -> None:
+    # transformers refuses "purely quantized" models unless adapters are attached: ours are, and
+    # the Trainer must see it; gradient checkpointing on, as users of k-bit training run it
+    from transformers import Trainer, TrainingArguments
+
+    from adalora_hf import AdaLoraCallback
+
+    base = prepare_model_for_kbit_training(load("opt", "4bit"))
+    model = get_peft_model(base, _config(AdaLoraConfig, total_step=None))
+    data = [{k: v[0] for k, v in _batch(i).items()} for i in range(24)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=2,
+        learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no",
+        disable_tqdm=True, gradient_checkpointing=True,
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[AdaLoraCallback()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    ours = model.base_model
+    assert ours.peft_config["default"].total_step == STEPS  # filled in by the callback
+    assert ours.rankallocator.finalized
+    assert ours.total_rank() == SCHEDULE["target_r"] * 2 * len(TARGETS)  # 2 layers
+    assert isinstance(base.model.decoder.layers[0].self_attn.q_proj, SVDLinear4bit)
