@@ -25,13 +25,11 @@ from adalora_torch import (
 from adalora_torch._distributed import is_rank_zero
 from adalora_torch._layers import iter_svd_layers
 
-from . import _save_load
-from ._checkpoint import load_allocator_state, save_allocator_state
+from . import _allocation, _save_load
 from ._config import AdaLoraConfig
 from ._modules_to_save import wrap_modules_to_save, wrappers
 from ._plain_lora import PlainLoraWatch
 from ._plan import Plan, plan_adapter
-from ._serialization import module_masks, pattern_key
 from ._signature import ForwardWithSignature
 
 __all__ = ["AdaLoraModel"]
@@ -167,17 +165,7 @@ class AdaLoraModel(nn.Module):
         )
         if not cfg.inference_mode:
             self.trainable_adapter_name = adapter_name
-            self.rankallocator = RankAllocator(
-                self.model,
-                target_r=cfg.target_r,
-                tinit=cfg.tinit,
-                tfinal=cfg.tfinal,
-                total_step=cfg.total_step,
-                deltaT=cfg.deltaT,
-                beta1=cfg.beta1,
-                beta2=cfg.beta2,
-                adapter_name=adapter_name,
-            )
+            self.rankallocator = _allocation.build_allocator(self.model, cfg, adapter_name)
             self._allocator_total_step = cfg.total_step
 
     # -- adapters -----------------------------------------------------------------------------
@@ -257,31 +245,11 @@ class AdaLoraModel(nn.Module):
 
     # -- rank allocation ----------------------------------------------------------------------
     def _trainable(self) -> str:
-        if self.trainable_adapter_name is None or self.rankallocator is None:
-            raise ValueError(
-                "This model has no trainable adapter (all adapters have inference_mode=True): "
-                "load it with is_trainable=True or add an adapter with inference_mode=False."
-            )
-        return self.trainable_adapter_name
+        return _allocation.trainable_name(self)
 
     def set_total_step(self, total_step: int) -> None:
         """Set ``total_step`` of the trainable adapter (what ``AdaLoraCallback`` does)."""
-        name = self._trainable()
-        cfg = self.peft_config[name]
-        old = cfg.total_step
-        cfg.total_step = total_step
-        try:
-            cfg.check_schedule()
-        except ValueError:
-            cfg.total_step = old
-            raise
-        self._sync_total_step(cfg)
-
-    def _sync_total_step(self, cfg: AdaLoraConfig) -> None:
-        assert self.rankallocator is not None and cfg.total_step is not None
-        if cfg.total_step != self._allocator_total_step:
-            self.rankallocator.set_total_step(cfg.total_step)
-            self._allocator_total_step = cfg.total_step
+        _allocation.set_total_step(self, total_step)
 
     def update_and_allocate(self, global_step: int) -> int:
         """Update the importance scores, reallocate the rank budget, mask E.
@@ -301,19 +269,7 @@ class AdaLoraModel(nn.Module):
         step whose gradients are not finite (an fp16 overflow that ``GradScaler`` skips) leaves
         the importance as it was and is counted in ``rankallocator.skipped_steps``.
         """
-        name = self._trainable()
-        cfg = self.peft_config[name]
-        cfg.check_schedule(require_total_step=True)
-        self._sync_total_step(cfg)
-        allocator = self.rankallocator
-        assert allocator is not None
-        budget, pattern = allocator.update_and_allocate(global_step)
-        self._plain_lora.allocated()
-        if pattern is None and cfg.rank_pattern is None:
-            pattern = allocator.rank_pattern  # restored by rankallocator.load_state_dict
-        if pattern is not None:
-            cfg.rank_pattern = {pattern_key(m, name): list(mask) for m, mask in pattern.items()}
-        return budget
+        return _allocation.update_and_allocate(self, global_step)
 
     @property
     def rank_pattern(self) -> dict[str, list[bool]] | None:
@@ -325,14 +281,7 @@ class AdaLoraModel(nn.Module):
     def total_rank(self, adapter_name: str | None = None) -> int:
         """Triplets kept now over all matrices of an adapter (default: the trainable one, else
         the active one): the sum of its rank pattern, or of its layers' ranks before one."""
-        name = adapter_name or self.trainable_adapter_name or self.active_adapter
-        masks = module_masks(self.peft_config[name].rank_pattern, name)
-        total = 0
-        for path, layer in _layers(self.model, name):
-            rank = int(layer.lora_E[name].shape[0])
-            mask = masks.get(path)
-            total += sum(mask) if mask is not None and len(mask) == rank else rank
-        return total
+        return _allocation.total_rank(self, adapter_name)
 
     # -- merging ------------------------------------------------------------------------------
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
@@ -422,27 +371,11 @@ class AdaLoraModel(nn.Module):
     def save_allocator_state(self, directory: str | os.PathLike[str]) -> None:
         """Write the rank allocator's state (importance EMAs, step, pattern) into
         ``directory``, without pickle, so a resumed run allocates as an uninterrupted one."""
-        self._trainable()
-        assert self.rankallocator is not None
-        save_allocator_state(self.rankallocator, os.fspath(directory))
+        _allocation.save_state(self, directory)
 
     def load_allocator_state(self, directory: str | os.PathLike[str]) -> bool:
         """Restore what ``save_allocator_state`` wrote; False when ``directory`` has none."""
-        name = self._trainable()
-        assert self.rankallocator is not None
-        cfg = self.peft_config[name]
-        if cfg.total_step is not None:
-            self._sync_total_step(cfg)
-        if not load_allocator_state(self.rankallocator, os.fspath(directory)):
-            return False
-        total_step = self.rankallocator.total_step
-        if cfg.total_step is None and total_step is not None:
-            cfg.total_step = self._allocator_total_step = total_step
-        pattern = self.rankallocator.rank_pattern
-        if pattern is not None:
-            cfg.rank_pattern = {pattern_key(m, name): list(v) for m, v in pattern.items()}
-        self._plain_lora.allocated()
-        return True
+        return _allocation.load_state(self, directory)
 
     # -- saving and loading (PEFT's files: see _save_load and _serialization) ------------------
     def adapter_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
