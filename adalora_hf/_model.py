@@ -31,6 +31,7 @@ from ._modules_to_save import wrap_modules_to_save, wrappers
 from ._plain_lora import PlainLoraWatch
 from ._plan import Plan, plan_adapter
 from ._signature import ForwardWithSignature
+from ._surface import PeftSurface
 
 __all__ = ["AdaLoraModel"]
 
@@ -41,7 +42,7 @@ def _layers(model: nn.Module, adapter_name: str | None = None) -> Iterator[tuple
     return iter_svd_layers(model, adapter_name)
 
 
-class AdaLoraModel(nn.Module):
+class AdaLoraModel(PeftSurface):
     """AdaLoRA (adaptive LoRA) on a transformers model: PEFT's ``AdaLoraModel``, validated.
 
     ``AdaLoraModel(model, config, adapter_name="default")`` replaces the ``target_modules`` of
@@ -169,8 +170,14 @@ class AdaLoraModel(nn.Module):
             self._allocator_total_step = cfg.total_step
 
     # -- adapters -----------------------------------------------------------------------------
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
-        """Make ``adapter_name`` (or a list of names) the active adapter(s)."""
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Make ``adapter_name`` (or a list of names) the active adapter(s). As PEFT, their
+        weights get ``requires_grad = not inference_mode`` and every other adapter's is
+        frozen; the rank allocator stays with ``trainable_adapter_name``."""
+        self._activate(adapter_name)
+        self._set_grads(set(self.active_adapters), not inference_mode, False)
+
+    def _activate(self, adapter_name: str | list[str]) -> None:
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown or not names:
@@ -201,7 +208,7 @@ class AdaLoraModel(nn.Module):
         if not remaining and self.peft_config:
             remaining = [next(iter(self.peft_config))]
         if remaining:
-            self.set_adapter(remaining)
+            self._activate(remaining)
         else:
             self.active_adapters = []
 
@@ -282,50 +289,6 @@ class AdaLoraModel(nn.Module):
         """Triplets kept now over all matrices of an adapter (default: the trainable one, else
         the active one): the sum of its rank pattern, or of its layers' ranks before one."""
         return _allocation.total_rank(self, adapter_name)
-
-    # -- merging ------------------------------------------------------------------------------
-    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Add the adapters' ``ΔW`` (default: the active ones) into the base weights."""
-        for _, layer in _layers(self.model):
-            names = self.active_adapters if adapter_names is None else adapter_names
-            layer.merge(
-                safe_merge=safe_merge, adapter_names=[n for n in names if n in layer.lora_A]
-            )
-
-    def unmerge(self) -> None:
-        """Subtract every merged adapter from the base weights."""
-        for _, layer in _layers(self.model):
-            layer.unmerge()
-
-    merge_adapter = merge
-    unmerge_adapter = unmerge
-
-    def _unload(self, merge: bool, safe_merge: bool, adapter_names: list[str] | None) -> nn.Module:
-        if merge:
-            self.merge(adapter_names=adapter_names, safe_merge=safe_merge)
-        for path, layer in _layers(self.model):
-            parent, _, child = path.rpartition(".")
-            setattr(self.model.get_submodule(parent), child, layer.base_layer)
-        for path, wrapper in wrappers(self.model):
-            parent, _, child = path.rpartition(".")
-            setattr(self.model.get_submodule(parent), child, wrapper.current())
-        return self.model
-
-    def merge_and_unload(
-        self,
-        progressbar: bool = False,
-        safe_merge: bool = False,
-        adapter_names: list[str] | None = None,
-    ) -> nn.Module:
-        """Merge the adapters into the base weights and return the plain transformers model
-        (``modules_to_save`` replaced by the trained copies). ``progressbar`` is accepted for
-        PEFT's signature and ignored."""
-        return self._unload(True, safe_merge, adapter_names)
-
-    def unload(self) -> nn.Module:
-        """Return the base model without the adapters (unmerged, adapters discarded)."""
-        self.unmerge()
-        return self._unload(False, False, None)
 
     # -- parameters ---------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
