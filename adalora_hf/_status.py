@@ -71,6 +71,8 @@ def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
     """The status of every adapter layer and ``modules_to_save`` wrapper of ``model`` (an
     ``AdaLoraModel``, ``get_peft_model``'s result or a bare model with adapter layers), with
     PEFT's names relative to ``model``. ``ValueError`` when it has none."""
+    if hasattr(model, "peft_config"):  # names as PEFT gives them: relative to the tuner model
+        model = getattr(model, "base_model", model)
     out: list[TunerLayerStatus] = []
     layer: Any
     for name, layer in iter_svd_layers(model):

@@ -171,6 +171,7 @@ class PeftSurface(nn.Module):
             k: (v.reshape(-1).tolist() if isinstance(v, torch.Tensor) else list(v))
             for k, v in rank_pattern.items()
         }
-        shrink_to_pattern(
-            self.model, adapter_name=adapter_name, rank_pattern=module_masks(plain, adapter_name)
-        )
+        masks = module_masks(plain, adapter_name)
+        for path, layer in _layers(self.model, adapter_name):  # unnamed modules keep all
+            masks.setdefault(path, [True] * int(layer.lora_E[adapter_name].shape[0]))
+        shrink_to_pattern(self.model, adapter_name=adapter_name, rank_pattern=masks)
