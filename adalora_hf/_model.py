@@ -191,10 +191,16 @@ class AdaLoraModel(PeftSurface):
             wrapper.set_adapter(next((a for a in names if a in wrapper.modules_to_save), None))
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter from every layer (and its allocator if it is the trainable one)."""
+        """Remove an adapter from every layer (and its allocator if it is the trainable one).
+        A merged adapter is refused (``unmerge`` first), as PEFT."""
         if adapter_name not in self.peft_config:
             raise ValueError(
-                f"No adapter {adapter_name!r}; this model has {list(self.peft_config)}."
+                f"Adapter {adapter_name} does not exist; this model has {list(self.peft_config)}."
+            )
+        if any(adapter_name in layer.merged_adapters for _, layer in _layers(self.model)):
+            raise ValueError(
+                f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please "
+                "unmerge them first."
             )
         for _, layer in _layers(self.model, adapter_name):
             layer.delete_adapter(adapter_name)

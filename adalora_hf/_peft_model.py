@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import torch
 from torch import nn
 
 from ._config import AdaLoraConfig
@@ -20,8 +19,6 @@ from ._save_load import filter_missing_base_keys
 from ._signature import ForwardWithSignature
 
 __all__ = ["AdaLoraPeftModel", "get_peft_model"]
-
-_HALF = (torch.float16, torch.bfloat16)
 
 # Heads PEFT's task-specific PeftModel classes add to modules_to_save (trained and saved).
 _TASK_HEADS = {
@@ -169,9 +166,9 @@ def get_peft_model(
     As PEFT, ``task_type="SEQ_CLS"``/``"TOKEN_CLS"`` add the ``classifier``/``score`` heads and
     ``"QUESTION_ANS"`` the ``qa_outputs`` head to ``modules_to_save`` (of this model's copy of
     the config), so the head trains and is saved with the adapter; ``revision`` is recorded in
-    that copy. Adapter weights are float32 (PEFT's ``autocast_adapter_dtype=True``);
-    ``autocast_adapter_dtype=False`` is accepted only where it changes nothing (a float32
-    base). ``low_cpu_mem_usage`` is accepted and changes nothing (the adapters are small and
+    that copy. Adapter weights are float32 (``autocast_adapter_dtype=True``) or, with
+    ``autocast_adapter_dtype=False``, in a float16/bfloat16 base layer's dtype, as PEFT.
+    ``low_cpu_mem_usage`` is accepted and changes nothing (the adapters are small and
     created initialised). ``mixed=True`` (PEFT's mixed adapter types) is a ``ValueError``.
     """
     if not isinstance(peft_config, AdaLoraConfig):
@@ -184,8 +181,6 @@ def get_peft_model(
             "mixed=True (PEFT's PeftMixedModel, adapters of several types) is not supported: "
             "this library implements AdaLoRA only. Leave mixed=False."
         )
-    if not autocast_adapter_dtype:
-        _require_float32_base(model)
     heads = _TASK_HEADS.get(peft_config.task_type or "", [])
     if heads or revision is not None:
         peft_config = copy.deepcopy(peft_config)
@@ -194,17 +189,9 @@ def get_peft_model(
         peft_config.modules_to_save = existing + [h for h in heads if h not in existing]
     if revision is not None:
         peft_config.revision = revision
-    return AdaLoraPeftModel(AdaLoraModel(model, peft_config, adapter_name))
-
-
-def _require_float32_base(model: nn.Module) -> None:
-    low = sorted({str(p.dtype) for p in model.parameters() if p.dtype in _HALF})
-    if low:
-        raise ValueError(
-            f"autocast_adapter_dtype=False asks for adapter weights in the base model's dtype "
-            f"({', '.join(low)}); adalora keeps adapter weights in float32 (PEFT's default, "
-            "autocast_adapter_dtype=True). Leave autocast_adapter_dtype=True."
-        )
+    tuner = AdaLoraModel(model, peft_config, adapter_name)
+    tuner._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+    return AdaLoraPeftModel(tuner)
 
 
 PeftModel = AdaLoraPeftModel

@@ -34,6 +34,7 @@ class PeftSurface(nn.Module):
     peft_config: dict[str, AdaLoraConfig]
     active_adapters: list[str]
     trainable_adapter_name: str | None
+    _adapters_disabled: bool
 
     prefix = "lora_"  # PEFT's prefix of AdaLoRA parameter names
 
@@ -46,12 +47,12 @@ class PeftSurface(nn.Module):
         again = sorted({n for layer in layers for n in names if n in layer.merged_adapters})
         if again:
             rest = [n for n in names if n not in again]
-            warnings.warn(
-                f"Adapters {again} are already merged; "
-                + (f"merging {rest} in addition." if rest else "nothing to do."),
-                UserWarning,
-                stacklevel=2,
+            message = (
+                f"Adapters {again} are already merged; merging {rest} in addition."
+                if rest
+                else f"All adapters are already merged, nothing to do ({again})."
             )
+            warnings.warn(message, UserWarning, stacklevel=2)
         for layer in layers:
             layer.merge(
                 safe_merge=safe_merge, adapter_names=[n for n in names if n in layer.lora_A]
@@ -91,6 +92,22 @@ class PeftSurface(nn.Module):
         """Return the base model without the adapters (unmerged, adapters discarded)."""
         self.unmerge()
         return self._unload(False, False, None)
+
+    def _adapter_switch(self, disabled: bool) -> None:
+        self._adapters_disabled = disabled
+        for _, layer in _layers(self.model):
+            layer.disable_adapters = disabled
+        for _, wrapper in wrappers(self.model):
+            wrapper.disable_adapters = disabled
+
+    def disable_adapter_layers(self) -> None:
+        """Run the base model alone until ``enable_adapter_layers`` (PEFT's method; the
+        ``disable_adapter()`` context manager does this for a block)."""
+        self._adapter_switch(True)
+
+    def enable_adapter_layers(self) -> None:
+        """Undo ``disable_adapter_layers``."""
+        self._adapter_switch(False)
 
     # -- gradients ----------------------------------------------------------------------------
     def _set_grads(self, names: set[str], requires_grad: bool, others: bool | None) -> None:
@@ -139,6 +156,19 @@ class PeftSurface(nn.Module):
 
             target.get_input_embeddings().register_forward_hook(_require_grad)
         return model
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """PEFT's ``autocast_adapter_dtype``: True keeps the adapter's weights in float32 (how
+        they are created); False gives them the dtype of their base layer's weight when that is
+        float16 or bfloat16 (PEFT's behaviour without autocasting)."""
+        if autocast_adapter_dtype:
+            return
+        for _, layer in _layers(self.model, adapter_name):
+            dtype = getattr(layer.base_layer, "weight", torch.empty(0)).dtype
+            if dtype not in (torch.float16, torch.bfloat16):
+                continue
+            for kind in (layer.lora_A, layer.lora_E, layer.lora_B, layer.ranknum):
+                kind[adapter_name].data = kind[adapter_name].data.to(dtype)
 
     # -- reports ------------------------------------------------------------------------------
     def get_layer_status(self) -> list[TunerLayerStatus]:

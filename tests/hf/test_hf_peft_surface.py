@@ -114,10 +114,46 @@ def test_get_peft_model_keywords(make_base, schedule) -> None:
     get_peft_model(make_base("bert"), AdaLoraConfig(**schedule()), autocast_adapter_dtype=False)
     with pytest.raises(ValueError, match="mixed=True"):
         get_peft_model(make_base("bert"), AdaLoraConfig(**schedule()), mixed=True)
-    with pytest.raises(ValueError, match="autocast_adapter_dtype"):
-        get_peft_model(
-            make_base("bert").half(), AdaLoraConfig(**schedule()), autocast_adapter_dtype=False
-        )
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_autocast_adapter_dtype_as_peft(make_base, schedule, bert_batch, autocast) -> None:
+    kw = schedule(init_lora_weights=False)
+    ours = get_peft_model(
+        make_base("bert").half(), AdaLoraConfig(**kw), autocast_adapter_dtype=autocast
+    )
+    theirs = peft.get_peft_model(
+        make_base("bert").half(), peft.AdaLoraConfig(**kw), autocast_adapter_dtype=autocast
+    )
+    dtypes = {n: p.dtype for n, p in ours.named_parameters() if ".lora_" in n}
+    assert dtypes == {n: p.dtype for n, p in theirs.named_parameters() if ".lora_" in n}
+    assert set(dtypes.values()) == {torch.float32 if autocast else torch.float16}
+    assert torch.isfinite(ours(input_ids=bert_batch["input_ids"]).logits).all()
+
+
+def test_merging_a_deleted_or_merged_adapter(make_base, schedule) -> None:
+    model = get_peft_model(make_base("bert"), AdaLoraConfig(**schedule()))
+    with pytest.raises(ValueError, match="does not exist"):
+        model.delete_adapter("nope")
+    model.merge_adapter()
+    with pytest.raises(ValueError, match="merged"):
+        model.delete_adapter("default")
+    model.unmerge_adapter()
+    model.delete_adapter("default")
+    assert model.peft_config == {}
+
+
+def test_disable_and_enable_adapter_layers(make_base, schedule, bert_batch) -> None:
+    model = get_peft_model(make_base("bert"), AdaLoraConfig(**schedule(init_lora_weights=False)))
+    model.eval()
+    adapted = model(**bert_batch).logits
+    model.disable_adapter_layers()
+    torch.testing.assert_close(
+        model(**bert_batch).logits, model.get_base_model()(**bert_batch).logits
+    )
+    assert not torch.allclose(model(**bert_batch).logits, adapted)
+    model.enable_adapter_layers()
+    torch.testing.assert_close(model(**bert_batch).logits, adapted)
 
 
 # -- adapters and gradients ------------------------------------------------------------------
