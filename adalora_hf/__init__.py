@@ -21,6 +21,7 @@ from ._peft_types import PeftConfig as PeftConfig
 from ._peft_types import TaskType as TaskType
 from ._state_dicts import get_base_model_state_dict as get_base_model_state_dict
 from ._state_dicts import get_peft_model_state_dict as get_peft_model_state_dict
+from ._state_dicts import set_base_model_state_dict as set_base_model_state_dict
 from ._state_dicts import set_peft_model_state_dict as set_peft_model_state_dict
 from ._status import TunerLayerStatus as TunerLayerStatus
 from ._status import TunerModelStatus as TunerModelStatus
@@ -48,5 +49,6 @@ __all__ = [
     "get_peft_model",
     "get_peft_model_state_dict",
     "save_adapter_arrays",
+    "set_base_model_state_dict",
     "set_peft_model_state_dict",
 ]

@@ -130,7 +130,7 @@ def plan_adapter(
         )
     if not config.inference_mode and trainable is not None:
         raise ValueError(
-            f"AdaLoraModel trains one adapter and {trainable!r} already trains: add "
+            f"AdaLoraModel supports only 1 trainable adapter and {trainable!r} trains: add "
             f"{adapter_name!r} with inference_mode=True, or delete_adapter {trainable!r} first."
         )
     config.validate()

@@ -21,7 +21,12 @@ from ._serialization import PEFT_PREFIX, TRIPLET_KINDS, file_key, triplet_key
 if TYPE_CHECKING:
     from ._model import AdaLoraModel
 
-__all__ = ["get_base_model_state_dict", "get_peft_model_state_dict", "set_peft_model_state_dict"]
+__all__ = [
+    "get_base_model_state_dict",
+    "get_peft_model_state_dict",
+    "set_base_model_state_dict",
+    "set_peft_model_state_dict",
+]
 
 
 def _owner(model: nn.Module) -> tuple[AdaLoraModel, str]:
@@ -150,20 +155,47 @@ def set_peft_model_state_dict(
     return _IncompatibleKeys(missing, unexpected)
 
 
-def get_base_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The transformers model's state dict under its original keys, adapters left out
-    (``<layer>.base_layer.weight`` -> ``<layer>.weight``, ``modules_to_save`` originals)."""
-    owner, _ = _owner(model)
-    base = owner.model
+def _base_keys(base: nn.Module) -> dict[str, str]:
+    """Original key -> key in ``base`` now (``<layer>.base_layer.<p>``, wrappers'
+    ``original_module``), for every state-dict entry that is not an adapter's."""
     inner = {p: "base_layer." for p, _ in iter_svd_layers(base)}
     inner.update({p: "original_module." for p, _ in wrappers(base)})
-    out: dict[str, torch.Tensor] = {}
-    for key, value in base.state_dict().items():
+    out: dict[str, str] = {}
+    for key in base.state_dict():
         owner_path = max((p for p in inner if key.startswith(p + ".")), key=len, default=None)
+        original = key
         if owner_path is not None:
             rest = key[len(owner_path) + 1 :]
             if not rest.startswith(inner[owner_path]):
                 continue  # an adapter's tensor
-            key = f"{owner_path}.{rest[len(inner[owner_path]) :]}"
-        out[key] = value
+            original = f"{owner_path}.{rest[len(inner[owner_path]) :]}"
+        out[original] = key
     return out
+
+
+def get_base_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The transformers model's state dict under its original keys, adapters left out
+    (``<layer>.base_layer.weight`` -> ``<layer>.weight``, ``modules_to_save`` originals)."""
+    base = _owner(model)[0].model
+    state = base.state_dict()
+    return {original: state[key] for original, key in _base_keys(base).items()}
+
+
+def set_base_model_state_dict(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True
+) -> Any:
+    """Load a state dict with the transformers model's original keys into the base model under
+    the adapters (the inverse of ``get_base_model_state_dict``); returns ``(missing_keys,
+    unexpected_keys)`` in original keys, and with ``strict`` raises ``ValueError`` on either."""
+    base = _owner(model)[0].model
+    keys = _base_keys(base)
+    unexpected = [k for k in state_dict if k not in keys]
+    missing = [k for k in keys if k not in state_dict]
+    if strict and (missing or unexpected):
+        raise ValueError(
+            f"set_base_model_state_dict: missing keys {missing[:5]}, unexpected keys "
+            f"{unexpected[:5]}; pass strict=False to load the matching ones."
+        )
+    mapped = {keys[k]: v for k, v in state_dict.items() if k in keys}
+    base.load_state_dict(mapped, strict=False)
+    return _IncompatibleKeys(missing, unexpected)

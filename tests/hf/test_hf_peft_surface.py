@@ -288,3 +288,22 @@ def test_saved_config_json_has_peft_s_new_fields(tmp_path, schedule) -> None:
     AdaLoraConfig(**schedule(target_modules="all-linear")).save_pretrained(tmp_path)
     data = json.loads((tmp_path / "adapter_config.json").read_text())
     assert data["use_dora"] is False and data["exclude_modules"] is None
+
+
+def test_set_base_model_state_dict_is_the_inverse(make_base, schedule, bert_batch) -> None:
+    kw = schedule(init_lora_weights=False, modules_to_save=["classifier"])
+    model = get_peft_model(make_base("bert"), AdaLoraConfig(**kw))
+    other = adalora_hf.get_base_model_state_dict(
+        get_peft_model(make_base("bert", 1), AdaLoraConfig(**kw))
+    )
+    assert set(other) == set(make_base("bert").state_dict())
+    result = adalora_hf.set_base_model_state_dict(model, other)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    mine = adalora_hf.get_base_model_state_dict(model)
+    assert all(torch.equal(mine[k], v) for k, v in other.items())
+    with pytest.raises(ValueError, match="strict=False"):
+        adalora_hf.set_base_model_state_dict(model, {"nowhere.weight": torch.zeros(1)})
+    partial = adalora_hf.set_base_model_state_dict(
+        model, {"nowhere.weight": torch.zeros(1)}, strict=False
+    )
+    assert partial.unexpected_keys == ["nowhere.weight"] and partial.missing_keys
