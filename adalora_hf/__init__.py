@@ -18,6 +18,7 @@ from ._peft_model import AdaLoraPeftModel as AdaLoraPeftModel
 from ._peft_model import PeftModel as PeftModel
 from ._peft_model import get_peft_model as get_peft_model
 from ._peft_types import PeftConfig as PeftConfig
+from ._peft_types import PeftType as PeftType
 from ._peft_types import TaskType as TaskType
 from ._state_dicts import get_base_model_state_dict as get_base_model_state_dict
 from ._state_dicts import get_peft_model_state_dict as get_peft_model_state_dict
@@ -39,6 +40,7 @@ __all__ = [
     "ModulesToSaveWrapper",
     "PeftConfig",
     "PeftModel",
+    "PeftType",
     "TaskType",
     "TunerLayerStatus",
     "TunerModelStatus",

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import adalora_core
 
+from ._enums import PeftType
 from ._io import interrupted_save_hint, write_file_atomic
 from ._serialization import CONFIG_NAME, WEIGHTS_NAME
 
@@ -22,7 +23,7 @@ __all__ = ["AdaLoraConfig"]
 
 logger = logging.getLogger(__name__)
 
-_PEFT_TYPE = "ADALORA"
+_PEFT_TYPE = PeftType.ADALORA  # a str: equal to "ADALORA", written as it
 _TASK_TYPES = (
     "SEQ_CLS",
     "SEQ_2_SEQ_LM",
@@ -96,7 +97,7 @@ class AdaLoraConfig:
     ``max_steps`` or you set it; ``update_and_allocate`` refuses to run without it.
 
     >>> cfg = AdaLoraConfig(init_r=12, target_r=8, tinit=10, tfinal=20, total_step=100)
-    >>> cfg.peft_type, cfg.init_r, cfg.target_r
+    >>> str(cfg.peft_type), cfg.init_r, cfg.target_r
     ('ADALORA', 12, 8)
     >>> AdaLoraConfig(target_r=16, init_r=12)  # doctest: +ELLIPSIS
     Traceback (most recent call last):

@@ -4,27 +4,15 @@
 from __future__ import annotations
 
 import abc
-import enum
 import json
 import os
 from typing import Any
 
 from ._config import AdaLoraConfig
+from ._enums import PeftType, TaskType
 from ._serialization import CONFIG_NAME
 
-__all__ = ["PeftConfig", "TaskType"]
-
-
-class TaskType(str, enum.Enum):
-    """PEFT's task types (``AdaLoraConfig.task_type``); members compare equal to their strings,
-    so ``TaskType.CAUSAL_LM == "CAUSAL_LM"``."""
-
-    SEQ_CLS = "SEQ_CLS"
-    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
-    CAUSAL_LM = "CAUSAL_LM"
-    TOKEN_CLS = "TOKEN_CLS"
-    QUESTION_ANS = "QUESTION_ANS"
-    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+__all__ = ["PeftConfig", "PeftType", "TaskType"]
 
 
 class PeftConfig(abc.ABC):  # noqa: B024 (a name for isinstance, nothing to implement)

