@@ -233,6 +233,8 @@ class AdaLoraConfig:
             )
 
     def _check_lora_fields(self) -> None:
+        if self.bias == "adalora_only":  # PEFT's "<method>_only" spelling of lora_only
+            self.bias = "lora_only"
         if self.task_type is not None and self.task_type not in _TASK_TYPES:
             raise ValueError(
                 f"task_type={self.task_type!r} is unknown: use None or one of {list(_TASK_TYPES)}."

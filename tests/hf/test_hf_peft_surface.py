@@ -77,6 +77,10 @@ def test_exclude_everything_names_both_fields(make_base, schedule) -> None:
         get_peft_model(make_base("bert"), cfg)
 
 
+def test_adalora_only_bias_is_lora_only() -> None:
+    assert AdaLoraConfig(bias="adalora_only").bias == "lora_only"
+
+
 def test_use_dora_false_is_accepted_true_refused() -> None:
     assert AdaLoraConfig(use_dora=False).use_dora is False
     with pytest.raises(NotImplementedError, match="use_dora"):
