@@ -242,7 +242,8 @@ class _SVDLayerBase(nn.Module):
                     if not torch.isfinite(merged).all():
                         raise ValueError(
                             f"NaNs detected in the merged weights. The adapter {name} seems "
-                            "to be broken (NaN/inf in A, E or B); the base weight is unchanged."
+                            "to be broken: merging it gives non-finite weights (NaN/inf in A, "
+                            "E or B); the base weight is unchanged."
                         )
                     weight.copy_(merged.to(weight.dtype))
                 else:
