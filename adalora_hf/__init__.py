@@ -18,6 +18,17 @@ from ._modules_to_save import ModulesToSaveWrapper as ModulesToSaveWrapper
 from ._peft_model import AdaLoraPeftModel as AdaLoraPeftModel
 from ._peft_model import PeftModel as PeftModel
 from ._peft_model import get_peft_model as get_peft_model
+from ._peft_types import PeftConfig as PeftConfig
+from ._peft_types import PeftType as PeftType
+from ._peft_types import TaskType as TaskType
+from ._state_dicts import get_base_model_state_dict as get_base_model_state_dict
+from ._state_dicts import get_peft_model_state_dict as get_peft_model_state_dict
+from ._state_dicts import set_base_model_state_dict as set_base_model_state_dict
+from ._state_dicts import set_peft_model_state_dict as set_peft_model_state_dict
+from ._status import TunerLayerStatus as TunerLayerStatus
+from ._status import TunerModelStatus as TunerModelStatus
+from ._status import get_layer_status as get_layer_status
+from ._status import get_model_status as get_model_status
 from ._targets import DEFAULT_TARGET_MODULES as DEFAULT_TARGET_MODULES
 from ._targets import default_target_modules as default_target_modules
 
@@ -28,9 +39,20 @@ __all__ = [
     "AdaLoraModel",
     "AdaLoraPeftModel",
     "ModulesToSaveWrapper",
+    "PeftConfig",
     "PeftModel",
+    "PeftType",
+    "TaskType",
+    "TunerLayerStatus",
+    "TunerModelStatus",
     "default_target_modules",
+    "get_base_model_state_dict",
+    "get_layer_status",
+    "get_model_status",
     "get_peft_model",
+    "get_peft_model_state_dict",
     "prepare_model_for_kbit_training",
     "save_adapter_arrays",
+    "set_base_model_state_dict",
+    "set_peft_model_state_dict",
 ]

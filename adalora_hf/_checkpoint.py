@@ -18,16 +18,15 @@ from safetensors.torch import save
 from adalora_torch import RankAllocator
 
 from ._io import write_file_atomic
-from ._serialization import pattern_key, read_safetensors
+from ._serialization import read_safetensors
 
 if TYPE_CHECKING:
-    from ._model import AdaLoraModel
+    pass
 
 __all__ = [
     "ALLOCATOR_STATE",
     "ALLOCATOR_TENSORS",
     "load_allocator_state",
-    "restore_allocator",
     "save_allocator_state",
 ]
 
@@ -105,26 +104,4 @@ def load_allocator_state(allocator: RankAllocator, directory: str) -> bool:
             f"{directory!r}: {err} The checkpoint belongs to another run: resume it with the model "
             "and AdaLoraConfig it was written with."
         ) from err
-    return True
-
-
-def restore_allocator(owner: AdaLoraModel, directory: str) -> bool:
-    """``AdaLoraModel.load_allocator_state``: load the state into the trainable adapter's
-    allocator and record its ``total_step`` and rank pattern in the config; False when
-    ``directory`` has none."""
-    name = owner._trainable()
-    allocator = owner.rankallocator
-    assert allocator is not None
-    cfg = owner.peft_config[name]
-    if cfg.total_step is not None:
-        owner._sync_total_step(cfg)
-    if not load_allocator_state(allocator, directory):
-        return False
-    if cfg.total_step is None and allocator.total_step is not None:
-        cfg.total_step = owner._allocator_total_step = allocator.total_step
-    pattern = allocator.rank_pattern  # None: saved before the first allocation
-    cfg.rank_pattern = (
-        None if pattern is None else {pattern_key(m, name): list(v) for m, v in pattern.items()}
-    )
-    owner._plain_lora.allocated()
     return True

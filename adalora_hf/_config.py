@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import adalora_core
 
+from ._enums import PeftType
 from ._io import interrupted_save_hint, write_file_atomic
 from ._serialization import CONFIG_NAME, WEIGHTS_NAME
 
@@ -22,7 +23,7 @@ __all__ = ["AdaLoraConfig"]
 
 logger = logging.getLogger(__name__)
 
-_PEFT_TYPE = "ADALORA"
+_PEFT_TYPE = PeftType.ADALORA  # a str: equal to "ADALORA", written as it
 _TASK_TYPES = (
     "SEQ_CLS",
     "SEQ_2_SEQ_LM",
@@ -32,16 +33,17 @@ _TASK_TYPES = (
     "FEATURE_EXTRACTION",
 )
 _BIAS_MODES = ("none", "all", "lora_only")
+ALL_LINEAR = "all-linear"  # target_modules shorthand: every linear layer but the output head
 
 # Fields PEFT writes that this library does not model, with the value at which they do nothing.
 # Any other value changes what the adapter means, so loading it here would be silently wrong.
 _PEFT_INERT_FIELDS: dict[str, Any] = {
     "use_dora": False,
-    "exclude_modules": None,
     "layer_replication": None,
     "lora_bias": False,
     "trainable_token_indices": None,
     "target_parameters": None,
+    "ensure_weight_tying": False,
     "use_qalora": False,
     "use_bdlora": None,
     "alora_invocation_tokens": None,
@@ -95,7 +97,7 @@ class AdaLoraConfig:
     ``max_steps`` or you set it; ``update_and_allocate`` refuses to run without it.
 
     >>> cfg = AdaLoraConfig(init_r=12, target_r=8, tinit=10, tfinal=20, total_step=100)
-    >>> cfg.peft_type, cfg.init_r, cfg.target_r
+    >>> str(cfg.peft_type), cfg.init_r, cfg.target_r
     ('ADALORA', 12, 8)
     >>> AdaLoraConfig(target_r=16, init_r=12)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
@@ -137,12 +139,24 @@ class AdaLoraConfig:
     beta2: float = 0.85  # EMA coefficient of its uncertainty
     orth_reg_weight: float = 0.5  # weight of the orthogonality penalty added to the loss
     total_step: int | None = None  # optimizer steps of the run (AdaLoraCallback fills it in)
+    # -- PEFT's LoRA fields: exclude_modules works; the others are accepted at the value where
+    # they do nothing (see _PEFT_INERT_FIELDS) and refused otherwise ----------------------------
+    exclude_modules: list[str] | str | None = None  # not adapted though matched (same matcher)
+    use_dora: bool = False  # DoRA is not supported: must stay False
+    lora_bias: bool = False  # not supported: must stay False
+    layer_replication: list[Any] | None = None  # not supported: keep None
+    trainable_token_indices: Any = None  # not supported: keep None
+    target_parameters: list[str] | None = None  # not supported: keep None
+    use_qalora: bool = False  # not supported: must stay False
+    ensure_weight_tying: bool = False  # not supported: must stay False
 
     def __post_init__(self) -> None:
         self.peft_type = self._check_peft_type(self.peft_type)
         self.task_type = _normalize_enum(self.task_type)  # type: ignore[assignment]
         if isinstance(self.target_modules, (set, frozenset, tuple)):
             self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (set, frozenset, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
         if isinstance(self.modules_to_save, (set, frozenset, tuple)):
             self.modules_to_save = list(self.modules_to_save)
         if self.r != 8:
@@ -154,6 +168,17 @@ class AdaLoraConfig:
                 stacklevel=3,
             )
         self.validate()
+
+    # -- what PEFT's helpers read (get_peft_model_state_dict, ...) -----------------------------
+    @property
+    def is_prompt_learning(self) -> bool:
+        """False: AdaLoRA adapts layers, it learns no prompt (PEFT's property)."""
+        return False
+
+    @property
+    def is_adaption_prompt(self) -> bool:
+        """False (PEFT's property)."""
+        return False
 
     # -- validation ---------------------------------------------------------------------------
     @staticmethod
@@ -178,6 +203,13 @@ class AdaLoraConfig:
         self.check_schedule(require_total_step=False)
 
     def _check_unsupported(self) -> None:
+        for key in sorted(_PEFT_INERT_FIELDS.keys() & {f.name for f in fields(self)}):
+            value = getattr(self, key)
+            if value not in (_PEFT_INERT_FIELDS[key], None, {}, []):
+                raise NotImplementedError(
+                    f"{key}={value!r} is a PEFT feature adalora does not implement (the adapter "
+                    f"would behave differently from PEFT's): leave {key} at its default."
+                )
         if self.megatron_config is not None:
             raise NotImplementedError(
                 "megatron_config is not supported by adalora (no Megatron tensor-parallel "
@@ -201,6 +233,8 @@ class AdaLoraConfig:
             )
 
     def _check_lora_fields(self) -> None:
+        if self.bias == "adalora_only":  # PEFT's "<method>_only" spelling of lora_only
+            self.bias = "lora_only"
         if self.task_type is not None and self.task_type not in _TASK_TYPES:
             raise ValueError(
                 f"task_type={self.task_type!r} is unknown: use None or one of {list(_TASK_TYPES)}."
@@ -233,7 +267,17 @@ class AdaLoraConfig:
                 "target_modules is an empty list: name the modules to adapt, or leave it None "
                 "for the defaults of the model type."
             )
-        if isinstance(tm, str) and self.layers_to_transform is not None:
+        em = self.exclude_modules
+        if em is not None and not (
+            isinstance(em, str) or (isinstance(em, list) and all(isinstance(e, str) for e in em))
+        ):
+            raise ValueError(
+                f"exclude_modules must be None, a list of module names or a regex string, got "
+                f"{em!r}."
+            )
+        if isinstance(tm, str) and tm.lower() == ALL_LINEAR:
+            pass  # resolved against the model when the adapter is added
+        elif isinstance(tm, str) and self.layers_to_transform is not None:
             raise ValueError(
                 "layers_to_transform cannot be combined with a regex target_modules: put the "
                 "layer indices in the regex, or give target_modules as a list of names."

@@ -42,19 +42,12 @@ def check_save_keywords(
 
 
 def check_load_keywords(
-    autocast_adapter_dtype: bool,
     ephemeral_gpu_offload: bool,
     key_mapping: Mapping[str, str] | None,
     kwargs: Mapping[str, Any],
 ) -> None:
-    """Refuse what loading cannot honour. ``autocast_adapter_dtype=True`` is what adalora
-    always does (adapter weights in float32 whatever the base model's dtype);
-    ``low_cpu_mem_usage`` only changes speed in PEFT and is accepted either way."""
-    if not autocast_adapter_dtype:
-        raise ValueError(
-            "autocast_adapter_dtype=False: adalora keeps adapter weights in float32 (what "
-            "PEFT's default autocast_adapter_dtype=True does); leave it True."
-        )
+    """Refuse what loading cannot honour; ``low_cpu_mem_usage`` only changes speed in PEFT
+    and is accepted either way."""
     if ephemeral_gpu_offload:
         raise ValueError("ephemeral_gpu_offload=True is not supported by adalora; leave it False.")
     if key_mapping:

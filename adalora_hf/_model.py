@@ -25,8 +25,7 @@ from adalora_torch import (
 from adalora_torch._distributed import is_rank_zero
 from adalora_torch._layers import iter_svd_layers
 
-from . import _save_load
-from ._checkpoint import restore_allocator, save_allocator_state
+from . import _allocation, _save_load
 from ._config import AdaLoraConfig
 from ._hub import push_adapter_to_hub
 from ._keywords import check_load_keywords, check_save_keywords
@@ -34,8 +33,9 @@ from ._modules_to_save import wrap_modules_to_save, wrappers
 from ._plain_lora import PlainLoraWatch
 from ._plan import Plan, plan_adapter
 from ._reload import LoadResult
-from ._serialization import check_adapter_name, module_masks, pattern_key
+from ._serialization import check_adapter_name
 from ._signature import ForwardWithSignature
+from ._surface import PeftSurface
 
 __all__ = ["AdaLoraModel"]
 
@@ -46,7 +46,7 @@ def _layers(model: nn.Module, adapter_name: str | None = None) -> Iterator[tuple
     return iter_svd_layers(model, adapter_name)
 
 
-class AdaLoraModel(nn.Module):
+class AdaLoraModel(PeftSurface):
     """AdaLoRA (adaptive LoRA) on a transformers model: PEFT's ``AdaLoraModel``, validated.
 
     ``AdaLoraModel(model, config, adapter_name="default")`` replaces the ``target_modules`` of
@@ -176,22 +176,18 @@ class AdaLoraModel(nn.Module):
         )
         if not cfg.inference_mode:
             self.trainable_adapter_name = adapter_name
-            self.rankallocator = RankAllocator(
-                self.model,
-                target_r=cfg.target_r,
-                tinit=cfg.tinit,
-                tfinal=cfg.tfinal,
-                total_step=cfg.total_step,
-                deltaT=cfg.deltaT,
-                beta1=cfg.beta1,
-                beta2=cfg.beta2,
-                adapter_name=adapter_name,
-            )
+            self.rankallocator = _allocation.build_allocator(self.model, cfg, adapter_name)
             self._allocator_total_step = cfg.total_step
 
     # -- adapters -----------------------------------------------------------------------------
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
-        """Make ``adapter_name`` (or a list of names) the active adapter(s)."""
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Make ``adapter_name`` (or a list of names) the active adapter(s). As PEFT, their
+        weights get ``requires_grad = not inference_mode`` and every other adapter's is
+        frozen; the rank allocator stays with ``trainable_adapter_name``."""
+        self._activate(adapter_name)
+        self._set_grads(set(self.active_adapters), not inference_mode, False)
+
+    def _activate(self, adapter_name: str | list[str]) -> None:
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown or not names:
@@ -205,10 +201,16 @@ class AdaLoraModel(nn.Module):
             wrapper.set_adapter(next((a for a in names if a in wrapper.modules_to_save), None))
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter from every layer (and its allocator if it is the trainable one)."""
+        """Remove an adapter from every layer (and its allocator if it is the trainable one).
+        A merged adapter is refused (``unmerge`` first), as PEFT."""
         if adapter_name not in self.peft_config:
             raise ValueError(
-                f"No adapter {adapter_name!r}; this model has {list(self.peft_config)}."
+                f"Adapter {adapter_name} does not exist; this model has {list(self.peft_config)}."
+            )
+        if any(adapter_name in layer.merged_adapters for _, layer in _layers(self.model)):
+            raise ValueError(
+                f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please "
+                "unmerge them first."
             )
         for _, layer in _layers(self.model, adapter_name):
             layer.delete_adapter(adapter_name)
@@ -222,7 +224,7 @@ class AdaLoraModel(nn.Module):
         if not remaining and self.peft_config:
             remaining = [next(iter(self.peft_config))]
         if remaining:
-            self.set_adapter(remaining)
+            self._activate(remaining)
         else:
             self.active_adapters = []
 
@@ -266,31 +268,11 @@ class AdaLoraModel(nn.Module):
 
     # -- rank allocation ----------------------------------------------------------------------
     def _trainable(self) -> str:
-        if self.trainable_adapter_name is None or self.rankallocator is None:
-            raise ValueError(
-                "This model has no trainable adapter (all adapters have inference_mode=True): "
-                "load it with is_trainable=True or add an adapter with inference_mode=False."
-            )
-        return self.trainable_adapter_name
+        return _allocation.trainable_name(self)
 
     def set_total_step(self, total_step: int) -> None:
         """Set ``total_step`` of the trainable adapter (what ``AdaLoraCallback`` does)."""
-        name = self._trainable()
-        cfg = self.peft_config[name]
-        old = cfg.total_step
-        cfg.total_step = total_step
-        try:
-            cfg.check_schedule()
-        except ValueError:
-            cfg.total_step = old
-            raise
-        self._sync_total_step(cfg)
-
-    def _sync_total_step(self, cfg: AdaLoraConfig) -> None:
-        assert self.rankallocator is not None and cfg.total_step is not None
-        if cfg.total_step != self._allocator_total_step:
-            self.rankallocator.set_total_step(cfg.total_step)
-            self._allocator_total_step = cfg.total_step
+        _allocation.set_total_step(self, total_step)
 
     def update_and_allocate(self, global_step: int) -> int:
         """Update the importance scores, reallocate the rank budget, mask E.
@@ -310,19 +292,7 @@ class AdaLoraModel(nn.Module):
         step whose gradients are not finite (an fp16 overflow that ``GradScaler`` skips) leaves
         the importance as it was and is counted in ``rankallocator.skipped_steps``.
         """
-        name = self._trainable()
-        cfg = self.peft_config[name]
-        cfg.check_schedule(require_total_step=True)
-        self._sync_total_step(cfg)
-        allocator = self.rankallocator
-        assert allocator is not None
-        budget, pattern = allocator.update_and_allocate(global_step)
-        self._plain_lora.allocated()
-        if pattern is None and cfg.rank_pattern is None:
-            pattern = allocator.rank_pattern  # restored by rankallocator.load_state_dict
-        if pattern is not None:
-            cfg.rank_pattern = {pattern_key(m, name): list(mask) for m, mask in pattern.items()}
-        return budget
+        return _allocation.update_and_allocate(self, global_step)
 
     @property
     def rank_pattern(self) -> dict[str, list[bool]] | None:
@@ -334,58 +304,7 @@ class AdaLoraModel(nn.Module):
     def total_rank(self, adapter_name: str | None = None) -> int:
         """Triplets kept now over all matrices of an adapter (default: the trainable one, else
         the active one): the sum of its rank pattern, or of its layers' ranks before one."""
-        name = adapter_name or self.trainable_adapter_name or self.active_adapter
-        masks = module_masks(self.peft_config[name].rank_pattern, name)
-        total = 0
-        for path, layer in _layers(self.model, name):
-            rank = int(layer.lora_E[name].shape[0])
-            mask = masks.get(path)
-            total += sum(mask) if mask is not None and len(mask) == rank else rank
-        return total
-
-    # -- merging ------------------------------------------------------------------------------
-    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Add the adapters' ``ΔW`` (default: the active ones) into the base weights."""
-        for _, layer in _layers(self.model):
-            names = self.active_adapters if adapter_names is None else adapter_names
-            layer.merge(
-                safe_merge=safe_merge, adapter_names=[n for n in names if n in layer.lora_A]
-            )
-
-    def unmerge(self) -> None:
-        """Subtract every merged adapter from the base weights."""
-        for _, layer in _layers(self.model):
-            layer.unmerge()
-
-    merge_adapter = merge
-    unmerge_adapter = unmerge
-
-    def _unload(self, merge: bool, safe_merge: bool, adapter_names: list[str] | None) -> nn.Module:
-        if merge:
-            self.merge(adapter_names=adapter_names, safe_merge=safe_merge)
-        for path, layer in _layers(self.model):
-            parent, _, child = path.rpartition(".")
-            setattr(self.model.get_submodule(parent), child, layer.base_layer)
-        for path, wrapper in wrappers(self.model):
-            parent, _, child = path.rpartition(".")
-            setattr(self.model.get_submodule(parent), child, wrapper.current())
-        return self.model
-
-    def merge_and_unload(
-        self,
-        progressbar: bool = False,
-        safe_merge: bool = False,
-        adapter_names: list[str] | None = None,
-    ) -> nn.Module:
-        """Merge the adapters into the base weights and return the plain transformers model
-        (``modules_to_save`` replaced by the trained copies). ``progressbar`` is accepted for
-        PEFT's signature and ignored."""
-        return self._unload(True, safe_merge, adapter_names)
-
-    def unload(self) -> nn.Module:
-        """Return the base model without the adapters (unmerged, adapters discarded)."""
-        self.unmerge()
-        return self._unload(False, False, None)
+        return _allocation.total_rank(self, adapter_name)
 
     # -- parameters ---------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -428,12 +347,11 @@ class AdaLoraModel(nn.Module):
     def save_allocator_state(self, directory: str | os.PathLike[str]) -> None:
         """Write the rank allocator's state (importance EMAs, step, pattern) into
         ``directory``, without pickle, so a resumed run allocates as an uninterrupted one."""
-        self._trainable()
-        save_allocator_state(self.rankallocator, os.fspath(directory))  # type: ignore[arg-type]
+        _allocation.save_state(self, directory)
 
     def load_allocator_state(self, directory: str | os.PathLike[str]) -> bool:
         """Restore what ``save_allocator_state`` wrote; False when ``directory`` has none."""
-        return restore_allocator(self, os.fspath(directory))
+        return _allocation.load_state(self, directory)
 
     # -- saving and loading (PEFT's files: see _save_load and _serialization) ------------------
     def adapter_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
@@ -483,8 +401,10 @@ class AdaLoraModel(nn.Module):
         checked before the model changes; unsupported keywords raise (``_keywords``)."""
         check_adapter_name(adapter_name)
         config = kwargs.pop("config", None)
-        check_load_keywords(autocast_adapter_dtype, ephemeral_gpu_offload, key_mapping, kwargs)
-        return _save_load.load_adapter(self, model_id, adapter_name, is_trainable, config)
+        check_load_keywords(ephemeral_gpu_offload, key_mapping, kwargs)
+        result = _save_load.load_adapter(self, model_id, adapter_name, is_trainable, config)
+        self._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)  # as get_peft_model
+        return result
 
     @classmethod
     def from_pretrained(

@@ -157,26 +157,46 @@ class AdaLoraPeftModel(nn.Module):
 
 
 def get_peft_model(
-    model: nn.Module, peft_config: AdaLoraConfig, adapter_name: str = "default"
+    model: nn.Module,
+    peft_config: AdaLoraConfig,
+    adapter_name: str = "default",
+    mixed: bool = False,
+    autocast_adapter_dtype: bool = True,
+    revision: str | None = None,
+    low_cpu_mem_usage: bool = False,
 ) -> AdaLoraPeftModel:
     """PEFT's ``get_peft_model`` for AdaLoRA: wrap ``model`` and return the ``PeftModel``-like
     wrapper (``.base_model`` is the ``AdaLoraModel``).
 
     As PEFT, ``task_type="SEQ_CLS"``/``"TOKEN_CLS"`` add the ``classifier``/``score`` heads and
     ``"QUESTION_ANS"`` the ``qa_outputs`` head to ``modules_to_save`` (of this model's copy of
-    the config), so the head trains and is saved with the adapter.
+    the config), so the head trains and is saved with the adapter; ``revision`` is recorded in
+    that copy. Adapter weights are float32 (``autocast_adapter_dtype=True``) or, with
+    ``autocast_adapter_dtype=False``, in a float16/bfloat16 base layer's dtype, as PEFT.
+    ``low_cpu_mem_usage`` is accepted and changes nothing (the adapters are small and
+    created initialised). ``mixed=True`` (PEFT's mixed adapter types) is a ``ValueError``.
     """
     if not isinstance(peft_config, AdaLoraConfig):
         raise TypeError(
             f"adalora_hf.get_peft_model takes an adalora_hf.AdaLoraConfig, got "
             f"{type(peft_config).__name__}: this library implements AdaLoRA only."
         )
+    if mixed:
+        raise ValueError(
+            "mixed=True (PEFT's PeftMixedModel, adapters of several types) is not supported: "
+            "this library implements AdaLoRA only. Leave mixed=False."
+        )
     heads = _TASK_HEADS.get(peft_config.task_type or "", [])
-    if heads:
+    if heads or revision is not None:
         peft_config = copy.deepcopy(peft_config)
+    if heads:
         existing = list(peft_config.modules_to_save or [])
         peft_config.modules_to_save = existing + [h for h in heads if h not in existing]
-    return AdaLoraPeftModel(AdaLoraModel(model, peft_config, adapter_name))
+    if revision is not None:
+        peft_config.revision = revision
+    tuner = AdaLoraModel(model, peft_config, adapter_name)
+    tuner._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+    return AdaLoraPeftModel(tuner)
 
 
 PeftModel = AdaLoraPeftModel

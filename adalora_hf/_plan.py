@@ -21,7 +21,8 @@ from adalora_torch import SVDAdapter
 from adalora_torch._inject import PlannedAdapter, name_matches, plan_adapters
 from adalora_torch._layers import iter_svd_layers
 
-from ._config import AdaLoraConfig
+from ._all_linear import all_linear_names
+from ._config import ALL_LINEAR, AdaLoraConfig
 from ._modules_to_save import wrappers
 from ._serialization import check_adapter_name
 from ._targets import default_target_modules
@@ -64,6 +65,8 @@ def _target_names(model: nn.Module, config: AdaLoraConfig) -> list[str]:
             continue
         if any(name.startswith(p + ".") for p in svd):
             continue  # the insides of an adapter layer
+        if config.exclude_modules and name_matches(name, config.exclude_modules):
+            continue
         if name_matches(name, targets):
             names.append(name)
     return names
@@ -124,7 +127,7 @@ def plan_adapter(
         )
     if not config.inference_mode and trainable is not None:
         raise ValueError(
-            f"AdaLoraModel trains one adapter and {trainable!r} already trains: add "
+            f"AdaLoraModel supports only 1 trainable adapter and {trainable!r} trains: add "
             f"{adapter_name!r} with inference_mode=True, or delete_adapter {trainable!r} first."
         )
     config.validate()
@@ -132,6 +135,8 @@ def plan_adapter(
     if cfg.target_modules is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         cfg.target_modules = default_target_modules(model_type)
+    if isinstance(cfg.target_modules, str) and cfg.target_modules.lower() == ALL_LINEAR:
+        cfg.target_modules = all_linear_names(model, cfg.task_type)
     names = _target_names(model, cfg)
     if not names:
         loading = ""
@@ -146,7 +151,9 @@ def plan_adapter(
                 "it onto the model it was trained on."
             )
         raise ValueError(
-            f"No module matches target_modules={cfg.target_modules!r}: list entries match a "
+            f"No module matches target_modules={cfg.target_modules!r}"
+            + (f" outside exclude_modules={cfg.exclude_modules!r}" if cfg.exclude_modules else "")
+            + ": list entries match a "
             "module name or its last components, a string is a full-match regex. Some "
             f"module names: {_module_names(model)}.{loading}"
         )

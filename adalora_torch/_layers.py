@@ -245,8 +245,9 @@ class _SVDLayerBase(nn.Module):
             merged = weight.detach().to(torch.float32) + delta
             if not torch.isfinite(merged).all():
                 raise ValueError(
-                    f"Merging adapter {name!r} gives non-finite weights; the adapter "
-                    "is broken (NaN/inf in A, E or B). The base weight is unchanged."
+                    f"NaNs detected in the merged weights. The adapter {name} seems to be "
+                    "broken: merging it gives non-finite weights (NaN/inf in A, E or B); the "
+                    "base weight is unchanged."
                 )
             weight.copy_(merged.to(weight.dtype))
         else:

@@ -55,6 +55,16 @@ DOCUMENTED_DEFAULTS: list[tuple[str, Any]] = [
     ("beta2", 0.85),
     ("orth_reg_weight", 0.5),
     ("total_step", None),
+    # PEFT's later LoRA fields, after the documented signature (exclude_modules works; the
+    # others are accepted at the value where they do nothing)
+    ("exclude_modules", None),
+    ("use_dora", False),
+    ("lora_bias", False),
+    ("layer_replication", None),
+    ("trainable_token_indices", None),
+    ("target_parameters", None),
+    ("use_qalora", False),
+    ("ensure_weight_tying", False),
 ]
 
 
@@ -164,7 +174,9 @@ def test_sets_and_enums_are_normalized() -> None:
     )
     assert cfg.target_modules == ["q", "v"]
     assert cfg.task_type == "CAUSAL_LM" and type(cfg.task_type) is str
-    assert cfg.peft_type == "ADALORA" and type(cfg.peft_type) is str
+    # peft_type is this library's PeftType.ADALORA: a str, equal to and written as "ADALORA"
+    assert cfg.peft_type == "ADALORA" and isinstance(cfg.peft_type, str)
+    assert json.loads(cfg.to_json_bytes())["peft_type"] == "ADALORA"
 
 
 def test_worked_example_of_the_docstring() -> None:
@@ -248,13 +260,21 @@ def test_unknown_fields_are_logged_at_debug(tmp_path, caplog) -> None:
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("use_dora", True), ("exclude_modules", ["query"]), ("lora_bias", True)]
+    ("field", "value"),
+    [
+        ("use_dora", True),
+        ("lora_bias", True),
+        ("layer_replication", [[0, 1]]),
+        ("use_qalora", True),
+    ],
 )
 def test_peft_features_that_change_the_adapter_are_refused(field: str, value: Any) -> None:
     data = AdaLoraConfig(total_step=10).to_dict()
     data[field] = value
     with pytest.raises(NotImplementedError, match=field):
         AdaLoraConfig.from_dict(data)
+    with pytest.raises(NotImplementedError, match=field):
+        AdaLoraConfig(**{field: value})
 
 
 def test_rslora_from_a_peft_file_is_dropped_with_a_warning() -> None:

@@ -94,7 +94,6 @@ def test_save_keywords_that_cannot_be_honoured_raise(
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"autocast_adapter_dtype": False}, "autocast_adapter_dtype=False"),
         ({"ephemeral_gpu_offload": True}, "ephemeral_gpu_offload"),
         ({"key_mapping": {"a": "b"}}, "key_mapping"),
         ({"device_map": "auto"}, "device_map"),
@@ -117,6 +116,23 @@ def test_load_keywords_peft_code_passes(make_base, schedule, bert_batch, tmp_pat
         autocast_adapter_dtype=True, device_map=None,
     )  # fmt: skip
     torch.testing.assert_close(_logits(loaded, bert_batch), _logits(model, bert_batch))
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_from_pretrained_autocast_adapter_dtype_as_peft(
+    make_base, schedule, tmp_path, autocast
+) -> None:
+    get_peft_model(make_base("bert"), _config(schedule)).save_pretrained(tmp_path)
+    ours = AdaLoraModel.from_pretrained(
+        make_base("bert").half(), tmp_path, autocast_adapter_dtype=autocast
+    )
+    theirs = peft.PeftModel.from_pretrained(
+        make_base("bert").half(), tmp_path, autocast_adapter_dtype=autocast
+    )
+    dtypes = {n.split("lora_")[1]: p.dtype for n, p in ours.named_parameters() if "lora_" in n}
+    expected = {n.split("lora_")[1]: p.dtype for n, p in theirs.named_parameters() if "lora_" in n}
+    assert dtypes == expected
+    assert set(dtypes.values()) == {torch.float32 if autocast else torch.float16}
 
 
 def test_from_pretrained_config_replaces_the_saved_one(make_base, schedule, tmp_path) -> None:
