@@ -316,7 +316,7 @@ class AdaLoraConfig:
         starts.
         """
         total = self.total_step
-        if not _is_int(total) or total < 20 or self.target_r >= self.init_r:
+        if not isinstance(total, int) or total < 20 or self.target_r >= self.init_r:
             return  # unknown, too short to judge, or nothing is pruned
         short = [n for n in ("tinit", "tfinal") if getattr(self, n) < 0.05 * total]
         if short:

@@ -27,7 +27,7 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Module, rank: int, alpha: float) -> None:
         super().__init__()
         self.base = base
-        weight = base.weight
+        weight: torch.Tensor = base.weight  # type: ignore[assignment]
         # nn.Linear stores (out, in); transformers' Conv1D (GPT-2) stores (in, out)
         fan_in, fan_out = (weight.shape[0], weight.shape[1]) if is_conv1d(base) else (
             weight.shape[1], weight.shape[0])  # fmt: skip
