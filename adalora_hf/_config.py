@@ -312,9 +312,9 @@ class AdaLoraConfig:
         scores of a single step and the last triplets are cut at the last step, with no step
         left to recover. ``docs/tuning.md`` measures the cost (test cross-entropy +0.04 and
         +0.03 on its two classification tasks, none on its language-modelling task) and
-        recommends ``tinit`` about 10% and ``tfinal`` about 20% of ``total_step``. A warning, not an error: such configs
-        keep meaning what they mean in PEFT. ``AdaLoraModel`` calls this once, when training
-        starts.
+        recommends ``tinit`` about 10% and ``tfinal`` about 20% of ``total_step``. A warning,
+        not an error: such configs keep meaning what they mean in PEFT. ``AdaLoraModel`` calls
+        this once, when training starts.
         """
         total = self.total_step
         if not isinstance(total, int) or total < 20 or self.target_r >= self.init_r:

@@ -100,10 +100,11 @@ def paired_differences(results: list[DemoResult]) -> list[str]:
         lines.append(
             f"  share of the CE gap {low} -> {high} closed: {-statistics.mean(ce) / gap:.2f}"
         )
+    seeds = "this seed" if n == 1 else f"all {n} seeds"
     if wins == n:
-        verdict = f"AdaLoRA beats {low} at equal final parameters on test CE in every seed."
+        verdict = f"AdaLoRA beats {low} at equal final parameters on test CE ({seeds})."
     elif wins == 0:
-        verdict = f"AdaLoRA does NOT beat {low} at equal final parameters here (any seed)."
+        verdict = f"AdaLoRA does NOT beat {low} at equal final parameters here ({seeds})."
     else:
         verdict = (
             f"AdaLoRA beats {low} at equal final parameters in {wins} of {n} seeds only: "
