@@ -68,6 +68,9 @@ def _sync_total_step(owner: AdaLoraModel, cfg: AdaLoraConfig) -> None:
     if cfg.total_step != owner._allocator_total_step:
         owner.rankallocator.set_total_step(cfg.total_step)
         owner._allocator_total_step = cfg.total_step
+    if not owner._schedule_warned:  # once per model, when the schedule becomes known
+        owner._schedule_warned = True
+        cfg.warn_if_schedule_hurts()
 
 
 def set_total_step(owner: AdaLoraModel, total_step: int) -> None:

@@ -70,6 +70,9 @@ class AdaLoraModel(PeftSurface):
     """
 
     active_adapters: list[str]
+    # False while AdaLoraPeftModel runs a config without task_type (PEFT's plain PeftModel)
+    apply_orth_penalty: bool = True
+    _schedule_warned: bool = False  # AdaLoraConfig.warn_if_schedule_hurts ran (once per model)
 
     def __init__(
         self, model: nn.Module, config: AdaLoraConfig, adapter_name: str = "default"
@@ -255,7 +258,7 @@ class AdaLoraModel(PeftSurface):
             return outputs
         self._plain_lora.training_forward(self.model, name)
         weight = self.peft_config[name].orth_reg_weight
-        if weight > 0 and not self._adapters_disabled:
+        if weight > 0 and self.apply_orth_penalty and not self._adapters_disabled:
             penalty = orthogonal_penalty(self.model, adapter_name=name)
             outputs.loss = (loss + weight * penalty.to(loss.device)).to(loss.dtype)
         return outputs

@@ -52,9 +52,24 @@ class AdaLoraPeftModel(nn.Module):
         return self.base_model.model.forward
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
-        """``base_model(*args, **kwargs)``: the model's outputs, orthogonal penalty included in
-        ``loss`` in training mode."""
-        return self.base_model(*args, **kwargs)
+        """``base_model(*args, **kwargs)``: the model's outputs; in training mode ``loss``
+        includes the orthogonal penalty only when the active config has a ``task_type``.
+
+        This is PEFT's behaviour on each path: its task-specific ``PeftModel`` classes add the
+        penalty, its plain ``PeftModel`` (no ``task_type``) calls the transformers model and
+        skips it. Migrated code therefore trains the same model as under PEFT; the measured
+        effect of the penalty is in ``docs/tuning.md``. ``base_model(...)`` (the
+        ``AdaLoraModel``) always adds it.
+        """
+        base = self.base_model
+        if self.active_peft_config.task_type is not None:
+            return base(*args, **kwargs)
+        before = base.apply_orth_penalty
+        base.apply_orth_penalty = False
+        try:
+            return base(*args, **kwargs)
+        finally:
+            base.apply_orth_penalty = before
 
     forward = ForwardWithSignature(_forward)  # type: ignore[assignment]
 

@@ -1,5 +1,6 @@
 """The demo's data: scikit-learn's digits split into a pretraining and an adaptation task,
-seeded random batches over a split, accuracy on a split, and the progress bar over batches."""
+seeded random batches over a split, accuracy and cross-entropy on a split, and the progress bar
+over batches."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["NUM_CLASSES", "Split", "accuracy", "batches", "digits", "progress_bar"]
+__all__ = [
+    "NUM_CLASSES", "Split", "accuracy", "batches", "cross_entropy", "digits", "progress_bar",
+]  # fmt: skip
 
 NUM_CLASSES = 5  # digits 0-4 for pretraining, 5-9 (relabelled 0-4) for adaptation
 
@@ -68,6 +71,17 @@ def accuracy(model: nn.Module, data: Split) -> float:
     logits = model(pixel_values=data.x).logits
     model.train(was_training)
     return float((logits.argmax(-1) == data.y).float().mean())
+
+
+@torch.no_grad()
+def cross_entropy(model: nn.Module, data: Split) -> float:
+    """Mean cross-entropy (nats) of ``model`` (in eval mode) on ``data``: the demo's
+    continuous metric, lower is better."""
+    was_training = model.training
+    model.eval()
+    logits = model(pixel_values=data.x).logits
+    model.train(was_training)
+    return float(torch.nn.functional.cross_entropy(logits, data.y))
 
 
 def progress_bar(iterable: Any, total: int, desc: str, enabled: bool) -> Any:

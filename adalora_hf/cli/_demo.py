@@ -6,9 +6,16 @@ scikit-learn, nothing is downloaded) and cached. Its backbone is then frozen and
 *other* digits, 5-9, with a new classification head, three ways:
 
 a) AdaLoRA through the library's own API (``AdaLoraConfig`` + ``AdaLoraModel``,
-   ``update_and_allocate`` after every optimizer step), on every linear layer of the encoder;
+   ``update_and_allocate`` after every optimizer step), on every linear layer of the encoder,
+   from ``init_r`` 8 down to a low final budget (``target_r`` 1, an eighth of the start:
+   rank allocation matters most at low budgets);
 b) plain LoRA at the same final number of adapter parameters (rank ``target_r`` everywhere);
-c) the new head alone (a linear probe).
+c) plain LoRA at AdaLoRA's initial rank (``init_r`` everywhere, eight times the parameters):
+   the ceiling AdaLoRA prunes from;
+d) the new head alone (a linear probe).
+
+The main metric is the test cross-entropy (continuous, lower is better); accuracy is beside
+it. ``paired_differences`` compares AdaLoRA with the LoRA rows seed by seed (``--seeds N``).
 
 This module runs the whole demo and writes what it measured; the pieces are in ``_data``
 (digits, batches), ``_backbone`` (pretraining and its cache), ``_runs`` (the three runs) and
@@ -18,6 +25,7 @@ This module runs the whole demo and writes what it measured; the pieces are in `
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +38,7 @@ from ._inspect import AdapterSummary
 from ._plots import plot_budget_and_loss, plot_rank_heatmap
 from ._runs import DemoSettings, MethodResult, count, run_adalora, run_head, run_lora
 
-__all__ = ["DemoResult", "resolve_device", "run_demo"]
+__all__ = ["DemoResult", "paired_differences", "resolve_device", "run_demo"]
 
 
 @dataclass
@@ -50,16 +58,59 @@ class DemoResult:
     def table(self) -> str:
         """The results as a plain-text table."""
         head = (
-            f"{'method':<8}  {'test acc':>8}  {'adapter params':>14}  {'head params':>11}  "
-            f"{'trained params':>14}  {'time (s)':>8}"
+            f"{'method':<9}  {'test CE':>7}  {'test acc':>8}  {'adapter params':>14}  "
+            f"{'head params':>11}  {'trained params':>14}  {'time (s)':>8}"
         )
         lines = [head, "-" * len(head)]
         for r in self.rows:
             lines.append(
-                f"{r.method:<8}  {r.accuracy:>8.4f}  {r.adapter_params:>14,}  "
+                f"{r.method:<9}  {r.test_loss:>7.4f}  {r.accuracy:>8.4f}  {r.adapter_params:>14,}  "
                 f"{r.head_params:>11,}  {r.trained_params:>14,}  {r.seconds:>8.1f}"
             )
         return "\n".join(lines)
+
+    def row(self, method: str) -> MethodResult:
+        """The row of ``method`` (``AdaLoRA``, ``LoRA r=<rank>`` or ``head``)."""
+        return next(r for r in self.rows if r.method == method)
+
+
+def _mean_sd(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):+.4f} ± {sd:.4f}"
+
+
+def paired_differences(results: list[DemoResult]) -> list[str]:
+    """Seed by seed (same split, initialisation and batches): AdaLoRA's test cross-entropy and
+    accuracy minus LoRA's at equal final parameters (``target_r``), the share of the gap to
+    LoRA at ``init_r`` (the ceiling) it closes (mean paired improvement over mean paired gap:
+    1 = as good as the ceiling), and a plain verdict."""
+    s = results[0].settings
+    low, high = f"LoRA r={s.target_r}", f"LoRA r={s.init_r}"
+    ce = [r.row("AdaLoRA").test_loss - r.row(low).test_loss for r in results]
+    acc = [r.row("AdaLoRA").accuracy - r.row(low).accuracy for r in results]
+    gap = statistics.mean(r.row(low).test_loss - r.row(high).test_loss for r in results)
+    n = len(results)
+    wins = sum(d < 0 for d in ce)
+    lines = [
+        f"AdaLoRA - {low} (equal final parameters), paired over {n} seed(s):",
+        f"  test CE  {_mean_sd(ce)}  ({' '.join(f'{d:+.4f}' for d in ce)}; lower is better)",
+        f"  test acc {_mean_sd(acc)}  ({' '.join(f'{d:+.4f}' for d in acc)})",
+    ]
+    if gap > 0:  # the ceiling is better on average: how much of its lead AdaLoRA recovers
+        lines.append(
+            f"  share of the CE gap {low} -> {high} closed: {-statistics.mean(ce) / gap:.2f}"
+        )
+    seeds = "this seed" if n == 1 else f"all {n} seeds"
+    if wins == n:
+        verdict = f"AdaLoRA beats {low} at equal final parameters on test CE ({seeds})."
+    elif wins == 0:
+        verdict = f"AdaLoRA does NOT beat {low} at equal final parameters here ({seeds})."
+    else:
+        verdict = (
+            f"AdaLoRA beats {low} at equal final parameters in {wins} of {n} seeds only: "
+            "no clear difference here."
+        )
+    return [*lines, verdict]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -84,7 +135,7 @@ def run_demo(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> DemoResult:
-    """Pretrain (or load) the backbone, fine-tune it three ways, write adapter, plots, results.
+    """Pretrain (or load) the backbone, fine-tune it four ways, write adapter, plots, results.
 
     On CPU, torch runs single-threaded while the demo runs (restored afterwards): the matrices
     are 48×48, so threads only add overhead, and float sums, hence the numbers, would otherwise
@@ -134,9 +185,10 @@ def _run_demo(
         f"{reloaded:.4f} ({'identical' if reloaded == ada.accuracy else 'DIFFERENT'})"
     )
     lora = run_lora(base, data, settings, seed, progress)
+    ceiling = run_lora(base, data, settings, seed, progress, rank=settings.init_r)
     head = run_head(base, data, settings, seed, progress)
     result = DemoResult(
-        rows=[ada, lora, head],
+        rows=[ada, lora, ceiling, head],
         budgets=budgets,
         settings=settings,
         recipe=recipe,

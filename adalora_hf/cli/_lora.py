@@ -8,11 +8,14 @@ import math
 import torch
 from torch import nn
 
+from adalora_torch._layers import is_conv1d
+
 __all__ = ["LoRALinear", "encoder_linears", "target_modules"]
 
 
 class LoRALinear(nn.Module):
-    """Plain LoRA (Hu et al. 2021): ``y = base(x) + x Aᵀ Bᵀ · alpha / r``, B = 0 at the start.
+    """Plain LoRA (Hu et al. 2021) around ``nn.Linear`` or transformers' ``Conv1D``:
+    ``y = base(x) + x Aᵀ Bᵀ · alpha / r``, B = 0 at the start.
 
     Written here rather than taken from PEFT (a test-only dependency) or built from our SVD
     layers without allocation: the baseline should be LoRA as people use it (PEFT's LoRA init
@@ -21,11 +24,15 @@ class LoRALinear(nn.Module):
     on the demo's 48×48 matrices is 1% fewer at the same total rank.
     """
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float) -> None:
+    def __init__(self, base: nn.Module, rank: int, alpha: float) -> None:
         super().__init__()
         self.base = base
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        weight: torch.Tensor = base.weight  # type: ignore[assignment]
+        # nn.Linear stores (out, in); transformers' Conv1D (GPT-2) stores (in, out)
+        fan_in, fan_out = (weight.shape[0], weight.shape[1]) if is_conv1d(base) else (
+            weight.shape[1], weight.shape[0])  # fmt: skip
+        self.lora_A = nn.Parameter(torch.empty(rank, fan_in, device=weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(fan_out, rank, device=weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.scaling = alpha / rank
 

@@ -66,15 +66,14 @@ def plot_budget_and_loss(result: DemoResult, path: Path) -> Path:
         fontsize=10,
     )
     window = max(1, s.steps // 30)
-    colours = {"AdaLoRA": "tab:blue", "LoRA": "tab:orange", "head": "tab:green"}
-    for row in result.rows:
-        colour = colours.get(row.method)
+    colours = ["tab:blue", "tab:orange", "tab:red", "tab:green"]
+    for row, colour in zip(result.rows, colours):
         bottom.plot(steps[: len(row.losses)], row.losses, color=colour, alpha=0.2, lw=0.8)
         bottom.plot(
             steps[: len(row.losses)],
             _smooth(row.losses, window),
             color=colour,
-            label=f"{row.method} (test acc {row.accuracy:.3f})",
+            label=f"{row.method} (test CE {row.test_loss:.3f}, acc {row.accuracy:.3f})",
         )
     bottom.set_yscale("log")
     bottom.set_xlabel("optimizer step")

@@ -1,7 +1,7 @@
-"""The demo's three fine-tuning runs on the frozen backbone (AdaLoRA, plain LoRA, the head
-alone), their shared settings and the row of the results table each one yields.
+"""The demo's fine-tuning runs on the frozen backbone (AdaLoRA, plain LoRA at a given rank, the
+head alone), their shared settings and the row of the results table each one yields.
 
-All three see the same batches in the same order, with the same optimizer and learning rate,
+All of them see the same batches in the same order, with the same optimizer and learning rate,
 and are scored on the same held-out half of digits 5-9.
 """
 
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._data import NUM_CLASSES, Split, accuracy, batches, progress_bar
+from ._data import NUM_CLASSES, Split, accuracy, batches, cross_entropy, progress_bar
 from ._inspect import AdapterSummary, read_adapter
 from ._lora import LoRALinear, encoder_linears, target_modules
 
@@ -37,7 +37,7 @@ class DemoSettings:
     batch_size: int = 32
     lr: float = 1e-2  # AdamW, linear decay to 0; the same for every method
     init_r: int = 8  # AdaLoRA: rank of every matrix at the start
-    target_r: int = 4  # AdaLoRA: average final rank; LoRA's rank
+    target_r: int = 1  # AdaLoRA: average final rank; LoRA's rank at equal final parameters
     scale: float = 2.0  # both adapters multiply their update by this (AdaLoRA: lora_alpha/init_r)
     tinit_frac: float = 0.1  # warm-up steps as a fraction of steps
     tfinal_frac: float = 0.2  # final steps as a fraction of steps
@@ -53,12 +53,12 @@ class DemoSettings:
     @property
     def tinit(self) -> int:
         """Warm-up steps."""
-        return max(1, int(self.steps * self.tinit_frac))
+        return int(self.steps * self.tinit_frac)
 
     @property
     def tfinal(self) -> int:
         """Final steps with fixed ranks."""
-        return max(1, int(self.steps * self.tfinal_frac))
+        return int(self.steps * self.tfinal_frac)
 
     def adalora_config(self, **extra: Any) -> AdaLoraConfig:
         """The ``AdaLoraConfig`` of these settings (``extra``: targets and the like); raises
@@ -84,6 +84,7 @@ class MethodResult:
 
     method: str
     accuracy: float
+    test_loss: float  # cross-entropy (nats) on the test split: the continuous metric
     adapter_params: int  # adapter parameters at the end (after AdaLoRA's pruning)
     head_params: int
     trained_params: int  # parameters with requires_grad during training
@@ -150,28 +151,36 @@ def run_head(
     trained = count(p for p in model.parameters() if p.requires_grad)
     losses, seconds = _train(model, data, s, seed, "head only", pb)
     head = count(model.classifier.parameters())
-    return MethodResult("head", accuracy(model, data["test"]), 0, head, trained, seconds, losses)
+    acc, ce = accuracy(model, data["test"]), cross_entropy(model, data["test"])
+    return MethodResult("head", acc, ce, 0, head, trained, seconds, losses)
 
 
 def run_lora(
-    base: nn.Module, data: dict[str, Split], s: DemoSettings, seed: int, pb: bool
+    base: nn.Module,
+    data: dict[str, Split],
+    s: DemoSettings,
+    seed: int,
+    pb: bool,
+    rank: int | None = None,
 ) -> MethodResult:
-    """Plain LoRA at rank ``target_r`` on every encoder linear layer, plus a new head."""
+    """Plain LoRA at ``rank`` (default ``target_r``: AdaLoRA's final parameter count;
+    ``init_r`` is the ceiling, AdaLoRA's starting size kept to the end) on every encoder
+    linear layer, plus a new head; the row is named ``LoRA r=<rank>``."""
+    r = s.target_r if rank is None else rank
     model = _fresh(base, seed)
     model.requires_grad_(False)
     torch.manual_seed(seed)
     adapter = 0
     for parent, name, layer in encoder_linears(model):
-        wrapped = LoRALinear(layer, s.target_r, s.scale * s.target_r)
+        wrapped = LoRALinear(layer, r, s.scale * r)
         setattr(parent, name, wrapped)
         adapter += count([wrapped.lora_A, wrapped.lora_B])
     model.classifier.requires_grad_(True)
     trained = count(p for p in model.parameters() if p.requires_grad)
-    losses, seconds = _train(model, data, s, seed, f"LoRA r={s.target_r}", pb)
+    losses, seconds = _train(model, data, s, seed, f"LoRA r={r}", pb)
     head = count(model.classifier.parameters())
-    return MethodResult(
-        "LoRA", accuracy(model, data["test"]), adapter, head, trained, seconds, losses
-    )
+    acc, ce = accuracy(model, data["test"]), cross_entropy(model, data["test"])
+    return MethodResult(f"LoRA r={r}", acc, ce, adapter, head, trained, seconds, losses)
 
 
 def _current_budget(model: nn.Module, returned: object) -> int | None:
@@ -238,6 +247,13 @@ def run_adalora(
     reloaded_accuracy = accuracy(reloaded, data["test"])
     head = sum(summary.other_params.values())  # the saved classifier (modules_to_save)
     row = MethodResult(
-        "AdaLoRA", test_accuracy, summary.adapter_params, head, trained, seconds, losses
+        "AdaLoRA",
+        test_accuracy,
+        cross_entropy(ada, data["test"]),
+        summary.adapter_params,
+        head,
+        trained,
+        seconds,
+        losses,
     )
     return row, budgets, summary, reloaded_accuracy

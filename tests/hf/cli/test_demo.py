@@ -1,5 +1,5 @@
-"""``adalora demo``: the table, the files it writes, the backbone cache, the adapter in PEFT,
-and a missing CUDA device."""
+"""``adalora demo``: the table and the paired comparison, the files it writes, the backbone
+cache, several seeds, the adapter in PEFT, and a missing CUDA device."""
 
 from __future__ import annotations
 
@@ -16,11 +16,17 @@ AssertPng = Callable[..., None]  # the assert_png fixture
 
 def test_demo_prints_the_table(demo: tuple[Path, str, Path]) -> None:
     _, stdout, _ = demo
-    assert "test acc" in stdout and "adapter params" in stdout
-    rows = dict(re.findall(r"^(AdaLoRA|LoRA|head) +([01]\.\d{4}) ", stdout, re.MULTILINE))
-    assert set(rows) == {"AdaLoRA", "LoRA", "head"}
-    assert all(0.0 <= float(accuracy) <= 1.0 for accuracy in rows.values())
+    assert "test CE" in stdout and "test acc" in stdout and "adapter params" in stdout
+    pattern = r"^(AdaLoRA|LoRA r=1|LoRA r=8|head) +(\d+\.\d{4}) +([01]\.\d{4}) "
+    rows = {m: (float(ce), float(acc)) for m, ce, acc in re.findall(pattern, stdout, re.M)}
+    assert set(rows) == {"AdaLoRA", "LoRA r=1", "LoRA r=8", "head"}
+    assert all(ce > 0 and 0.0 <= acc <= 1.0 for ce, acc in rows.values())
     assert "built now" in stdout  # the cache was empty
+    # the paired comparison with LoRA at equal final parameters, and a verdict either way
+    printed = float(re.findall(r"^  test CE  ([+-]\d\.\d{4}) ± ", stdout, re.M)[0])
+    assert printed == pytest.approx(rows["AdaLoRA"][0] - rows["LoRA r=1"][0], abs=2e-4)
+    verdict = "beats" if printed < 0 else "does NOT beat"
+    assert f"AdaLoRA {verdict} LoRA r=1 at equal final parameters" in stdout
 
 
 def test_demo_writes_adapter_plots_and_numbers(
@@ -36,9 +42,12 @@ def test_demo_writes_adapter_plots_and_numbers(
     assert_png(out / "budget_loss.png")
     results = json.loads((out / "results.json").read_text())
     rows = {r["method"]: r for r in results["rows"]}
-    # LoRA at rank target_r has as many adapter parameters as AdaLoRA keeps, within a few %
-    ada, lora = rows["AdaLoRA"]["adapter_params"], rows["LoRA"]["adapter_params"]
+    # LoRA at rank target_r has as many adapter parameters as AdaLoRA keeps, within a few %;
+    # the ceiling, LoRA at init_r, has init_r / target_r times more
+    ada, lora = rows["AdaLoRA"]["adapter_params"], rows["LoRA r=1"]["adapter_params"]
     assert abs(ada - lora) / ada < 0.05
+    assert rows["LoRA r=8"]["adapter_params"] == 8 * lora
+    assert all(r["test_loss"] > 0 for r in results["rows"])
     assert rows["head"]["adapter_params"] == 0
     n = len(results["rank_pattern"])
     assert sum(results["rank_pattern"].values()) == results["settings"]["target_r"] * n
@@ -51,10 +60,14 @@ def test_demo_reuses_the_cached_backbone(
     assert len(list(cache.glob("vit-digits04-*/model.safetensors"))) == 1
     code, stdout, stderr = run_cli(
         "demo", "--tiny", "--steps", "12", "--out", str(tmp_path), "--cache-dir", str(cache),
-        "--device", "cpu", "--deltaT", "2",
+        "--device", "cpu", "--deltaT", "2", "--seeds", "2",
     )  # fmt: skip
     assert code == 0, stderr
     assert "cached" in stdout
+    # two seeds: two tables, the second seed's files in a subdirectory, paired differences
+    assert "seed 0:" in stdout and "seed 1:" in stdout
+    assert (tmp_path / "seed-1" / "results.json").is_file()
+    assert "paired over 2 seed(s)" in stdout
 
 
 @pytest.mark.filterwarnings("ignore")
