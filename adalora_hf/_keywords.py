@@ -7,7 +7,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["check_load_keywords", "check_save_keywords"]
+import torch
+from torch import nn
+
+__all__ = ["check_device_map", "check_load_keywords", "check_save_keywords"]
 
 
 def _refuse_extra(kwargs: Mapping[str, Any], where: str) -> None:
@@ -55,10 +58,28 @@ def check_load_keywords(
             "key_mapping is not supported: adalora reads PEFT's key names as saved; rename the "
             "keys of the file instead."
         )
-    device_map = kwargs.get("device_map")
-    if device_map is not None:
+    _refuse_extra({k: v for k, v in kwargs.items() if k != "device_map"}, "load_adapter")
+
+
+def check_device_map(device_map: Any, model: nn.Module) -> None:
+    """PEFT's ``device_map`` when loading: the adapter's tensors go to each layer's device
+    here, so only a map that puts everything on the device the model already has is honoured
+    (``None``, ``"cpu"``, ``{"": "cpu"}``, ...); anything else is a ``ValueError``."""
+    if device_map is None:
+        return
+    single = (
+        device_map.get("")
+        if isinstance(device_map, Mapping) and len(device_map) == 1
+        else device_map
+    )
+    devices = {p.device for p in model.parameters()}
+    try:
+        wanted = torch.device(single)  # type: ignore[arg-type]
+    except (TypeError, RuntimeError):
+        wanted = None
+    if wanted is None or devices != {wanted}:
         raise ValueError(
-            "device_map is not supported by adalora: load the base model with its device_map "
+            f"device_map={device_map!r} is not supported by adalora for a model on "
+            f"{sorted(map(str, devices))}: load the base model with its device_map "
             "(transformers' from_pretrained) and the adapter follows each layer's device."
         )
-    _refuse_extra({k: v for k, v in kwargs.items() if k != "device_map"}, "load_adapter")

@@ -28,7 +28,7 @@ from adalora_torch._layers import iter_svd_layers
 from . import _allocation, _save_load
 from ._config import AdaLoraConfig
 from ._hub import push_adapter_to_hub
-from ._keywords import check_load_keywords, check_save_keywords
+from ._keywords import check_device_map, check_load_keywords, check_save_keywords
 from ._modules_to_save import wrap_modules_to_save, wrappers
 from ._plain_lora import PlainLoraWatch
 from ._plan import Plan, plan_adapter
@@ -405,6 +405,7 @@ class AdaLoraModel(PeftSurface):
         check_adapter_name(adapter_name)
         config = kwargs.pop("config", None)
         check_load_keywords(ephemeral_gpu_offload, key_mapping, kwargs)
+        check_device_map(kwargs.get("device_map"), self.model)
         result = _save_load.load_adapter(self, model_id, adapter_name, is_trainable, config)
         self._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)  # as get_peft_model
         return result

@@ -97,6 +97,7 @@ def test_save_keywords_that_cannot_be_honoured_raise(
         ({"ephemeral_gpu_offload": True}, "ephemeral_gpu_offload"),
         ({"key_mapping": {"a": "b"}}, "key_mapping"),
         ({"device_map": "auto"}, "device_map"),
+        ({"device_map": {"": "meta"}}, "device_map"),
         ({"revision": "main"}, "does not support"),
     ],
 )
@@ -113,7 +114,7 @@ def test_load_keywords_peft_code_passes(make_base, schedule, bert_batch, tmp_pat
     model.save_pretrained(tmp_path)
     loaded = AdaLoraModel.from_pretrained(
         make_base("bert"), tmp_path, torch_device="cpu", low_cpu_mem_usage=True,
-        autocast_adapter_dtype=True, device_map=None,
+        autocast_adapter_dtype=True, device_map={"": "cpu"},
     )  # fmt: skip
     torch.testing.assert_close(_logits(loaded, bert_batch), _logits(model, bert_batch))
 
