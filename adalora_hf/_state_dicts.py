@@ -16,6 +16,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 from adalora_torch._layers import iter_svd_layers
 
 from ._modules_to_save import wrappers
+from ._reload import live_tensors
 from ._serialization import PEFT_PREFIX, TRIPLET_KINDS, file_key, triplet_key
 
 if TYPE_CHECKING:
@@ -73,20 +74,6 @@ def get_peft_model_state_dict(
     return {_relative(k, prefix): v for k, v in state.items()}
 
 
-def _targets(owner: AdaLoraModel, adapter_name: str) -> dict[str, torch.Tensor]:
-    model = owner.model
-    targets: dict[str, torch.Tensor] = {}
-    for path, layer in iter_svd_layers(model, adapter_name):
-        for kind in TRIPLET_KINDS:
-            targets[triplet_key(path, kind)] = getattr(layer, kind)[adapter_name]
-    for path, wrapper in wrappers(model):
-        if adapter_name in wrapper.modules_to_save:
-            copy_ = wrapper.modules_to_save[adapter_name]
-            for k, v in copy_.state_dict(keep_vars=True).items():
-                targets[file_key(f"{path}.{k}")] = v
-    return targets
-
-
 def _model_key(owner: AdaLoraModel, adapter_name: str) -> dict[str, str]:
     """File key -> the parameter's name in ``owner.model`` (for ``missing_keys``)."""
     out: dict[str, str] = {}
@@ -120,10 +107,10 @@ def set_peft_model_state_dict(
     state = {PEFT_PREFIX + k.removeprefix(prefix): v for k, v in peft_model_state_dict.items()}
     cfg = owner.peft_config[adapter_name]
     if cfg.rank_pattern and adapter_name != owner.trainable_adapter_name:
-        targets = _targets(owner, adapter_name)
+        targets = live_tensors(owner.model, adapter_name)
         if any(k in state and state[k].shape != t.shape for k, t in targets.items()):
             owner.resize_modules_by_rank_pattern(cfg.rank_pattern, adapter_name)
-    targets = _targets(owner, adapter_name)
+    targets = live_tensors(owner.model, adapter_name)
     params = {file_key(n): p for n, p in owner.model.named_parameters()}
     for key in state:
         if key not in targets and key in params and key.endswith("bias"):
