@@ -20,6 +20,7 @@ bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed"
 
 import peft  # noqa: E402
 import torch  # noqa: E402
+from packaging.version import Version  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 
@@ -221,6 +222,10 @@ def test_merge_unmerge_and_merge_and_unload_requantize(quant, load) -> None:
     torch.testing.assert_close(_logits(merged), adapted, atol=MERGE_TOL[quant], rtol=0)
 
 
+@pytest.mark.skipif(
+    Version(peft.__version__) < Version("0.21"),
+    reason="the oracle is PEFT 0.21's bitsandbytes layers (0.17 gave other 4-bit logits)",
+)
 @pytest.mark.parametrize("quant", ["8bit", "4bit"])
 def test_adapter_trained_on_a_quantized_base_loads_in_peft_and_on_full_precision(
     quant, load, tmp_path
