@@ -66,6 +66,15 @@ def _normalize_enum(value: object) -> object:
     return getattr(value, "value", value)
 
 
+def _check_module_names(name: str, value: object) -> None:
+    # target_modules and exclude_modules: None, a list of module names or a regex string
+    names_ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if value is not None and not (isinstance(value, str) or names_ok):
+        raise ValueError(
+            f"{name} must be None, a list of module names or a regex string, got {value!r}."
+        )
+
+
 @dataclass
 class AdaLoraConfig:
     """Configuration of an AdaLoRA adapter (PEFT v0.8.2 signature, same defaults).
@@ -255,26 +264,13 @@ class AdaLoraConfig:
         if not (0.0 <= float(self.lora_dropout) < 1.0):
             raise ValueError(f"lora_dropout must lie in [0, 1), got {self.lora_dropout!r}.")
         tm = self.target_modules
-        if tm is not None and not (
-            isinstance(tm, str) or (isinstance(tm, list) and all(isinstance(t, str) for t in tm))
-        ):
-            raise ValueError(
-                f"target_modules must be None, a list of module names or a regex string, got "
-                f"{tm!r}."
-            )
+        _check_module_names("target_modules", tm)
         if isinstance(tm, list) and not tm:
             raise ValueError(
                 "target_modules is an empty list: name the modules to adapt, or leave it None "
                 "for the defaults of the model type."
             )
-        em = self.exclude_modules
-        if em is not None and not (
-            isinstance(em, str) or (isinstance(em, list) and all(isinstance(e, str) for e in em))
-        ):
-            raise ValueError(
-                f"exclude_modules must be None, a list of module names or a regex string, got "
-                f"{em!r}."
-            )
+        _check_module_names("exclude_modules", self.exclude_modules)
         if isinstance(tm, str) and tm.lower() == ALL_LINEAR:
             pass  # resolved against the model when the adapter is added
         elif isinstance(tm, str) and self.layers_to_transform is not None:

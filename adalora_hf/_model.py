@@ -23,7 +23,6 @@ from adalora_torch import (
     orthogonal_penalty,
 )
 from adalora_torch._distributed import is_rank_zero
-from adalora_torch._layers import iter_svd_layers
 
 from . import _allocation, _save_load
 from ._config import AdaLoraConfig
@@ -35,15 +34,9 @@ from ._plan import Plan, plan_adapter
 from ._reload import LoadResult
 from ._serialization import check_adapter_name
 from ._signature import ForwardWithSignature
-from ._surface import PeftSurface
+from ._surface import PeftSurface, svd_layers
 
 __all__ = ["AdaLoraModel"]
-
-
-def _layers(model: nn.Module, adapter_name: str | None = None) -> Iterator[tuple[str, Any]]:
-    # iter_svd_layers, typed loosely: our layers carry more than the SVDAdapter protocol
-    # (set_adapter, merge, disable_adapters, ...)
-    return iter_svd_layers(model, adapter_name)
 
 
 class AdaLoraModel(PeftSurface):
@@ -167,7 +160,7 @@ class AdaLoraModel(PeftSurface):
         elif self.trainable_adapter_name is None:
             self.model.requires_grad_(False)  # nothing trains
         else:
-            for _, layer in _layers(self.model, adapter_name):
+            for _, layer in svd_layers(self.model, adapter_name):
                 for d in (layer.lora_A, layer.lora_E, layer.lora_B):
                     d[adapter_name].requires_grad_(False)
         wrap_modules_to_save(
@@ -198,7 +191,7 @@ class AdaLoraModel(PeftSurface):
                 f"Unknown adapters {unknown or names}; this model has {list(self.peft_config)}."
             )
         self.active_adapters = names
-        for _, layer in _layers(self.model):
+        for _, layer in svd_layers(self.model):
             layer.set_adapter([a for a in names if a in layer.lora_A])
         for _, wrapper in wrappers(self.model):
             wrapper.set_adapter(next((a for a in names if a in wrapper.modules_to_save), None))
@@ -210,12 +203,12 @@ class AdaLoraModel(PeftSurface):
             raise ValueError(
                 f"Adapter {adapter_name} does not exist; this model has {list(self.peft_config)}."
             )
-        if any(adapter_name in layer.merged_adapters for _, layer in _layers(self.model)):
+        if any(adapter_name in layer.merged_adapters for _, layer in svd_layers(self.model)):
             raise ValueError(
                 f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please "
                 "unmerge them first."
             )
-        for _, layer in _layers(self.model, adapter_name):
+        for _, layer in svd_layers(self.model, adapter_name):
             layer.delete_adapter(adapter_name)
         for _, wrapper in wrappers(self.model):
             wrapper.delete_adapter(adapter_name)
@@ -234,7 +227,7 @@ class AdaLoraModel(PeftSurface):
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Context manager: run the base model alone (merged adapters are unmerged)."""
-        layers = [m for _, m in _layers(self.model)] + [m for _, m in wrappers(self.model)]
+        layers = [m for _, m in svd_layers(self.model)] + [m for _, m in wrappers(self.model)]
         before = [layer.disable_adapters for layer in layers]
         disabled_before = self._adapters_disabled
         try:

@@ -23,7 +23,9 @@ from ._status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_m
 __all__ = ["PeftSurface"]
 
 
-def _layers(model: nn.Module, adapter_name: str | None = None) -> Iterator[tuple[str, Any]]:
+def svd_layers(model: nn.Module, adapter_name: str | None = None) -> Iterator[tuple[str, Any]]:
+    """``iter_svd_layers``, typed loosely: our layers carry more than the ``SVDAdapter``
+    protocol (``set_adapter``, ``merge``, ``disable_adapters``, ...)."""
     return iter_svd_layers(model, adapter_name)
 
 
@@ -43,7 +45,7 @@ class PeftSurface(nn.Module):
         """Add the adapters' ``ΔW`` (default: the active ones) into the base weights. Merging an
         adapter that is already merged changes nothing and warns, as PEFT does."""
         names = self.active_adapters if adapter_names is None else list(adapter_names)
-        layers = [layer for _, layer in _layers(self.model)]
+        layers = [layer for _, layer in svd_layers(self.model)]
         again = sorted({n for layer in layers for n in names if n in layer.merged_adapters})
         if again:
             rest = [n for n in names if n not in again]
@@ -60,7 +62,7 @@ class PeftSurface(nn.Module):
 
     def unmerge(self) -> None:
         """Subtract every merged adapter from the base weights."""
-        for _, layer in _layers(self.model):
+        for _, layer in svd_layers(self.model):
             layer.unmerge()
 
     merge_adapter = merge
@@ -69,7 +71,7 @@ class PeftSurface(nn.Module):
     def _unload(self, merge: bool, safe_merge: bool, adapter_names: list[str] | None) -> nn.Module:
         if merge:
             self.merge(adapter_names=adapter_names, safe_merge=safe_merge)
-        for path, layer in _layers(self.model):
+        for path, layer in svd_layers(self.model):
             parent, _, child = path.rpartition(".")
             setattr(self.model.get_submodule(parent), child, layer.base_layer)
         for path, wrapper in wrappers(self.model):
@@ -95,7 +97,7 @@ class PeftSurface(nn.Module):
 
     def _adapter_switch(self, disabled: bool) -> None:
         self._adapters_disabled = disabled
-        for _, layer in _layers(self.model):
+        for _, layer in svd_layers(self.model):
             layer.disable_adapters = disabled
         for _, wrapper in wrappers(self.model):
             wrapper.disable_adapters = disabled
@@ -113,7 +115,7 @@ class PeftSurface(nn.Module):
     def _set_grads(self, names: set[str], requires_grad: bool, others: bool | None) -> None:
         """``requires_grad`` on the A, E, B (and ``modules_to_save`` copies) of ``names``; with
         ``others`` set, that flag on every other adapter's."""
-        for _, layer in _layers(self.model):
+        for _, layer in svd_layers(self.model):
             for kind in (layer.lora_A, layer.lora_E, layer.lora_B):
                 for adapter, param in kind.items():
                     flag = requires_grad if adapter in names else others
@@ -163,7 +165,7 @@ class PeftSurface(nn.Module):
         float16 or bfloat16 (PEFT's behaviour without autocasting)."""
         if autocast_adapter_dtype:
             return
-        for _, layer in _layers(self.model, adapter_name):
+        for _, layer in svd_layers(self.model, adapter_name):
             dtype = getattr(layer.base_layer, "weight", torch.empty(0)).dtype
             if dtype not in (torch.float16, torch.bfloat16):
                 continue
@@ -202,6 +204,6 @@ class PeftSurface(nn.Module):
             for k, v in rank_pattern.items()
         }
         masks = module_masks(plain, adapter_name)
-        for path, layer in _layers(self.model, adapter_name):  # unnamed modules keep all
+        for path, layer in svd_layers(self.model, adapter_name):  # unnamed modules keep all
             masks.setdefault(path, [True] * int(layer.lora_E[adapter_name].shape[0]))
         shrink_to_pattern(self.model, adapter_name=adapter_name, rank_pattern=masks)
