@@ -18,7 +18,8 @@ from torch import nn
 
 from adalora_core import validate_schedule
 from adalora_torch import SVDAdapter
-from adalora_torch._inject import PlannedAdapter, name_matches, plan_adapters
+from adalora_torch._bnb import bnb_layer_class
+from adalora_torch._inject import PlannedAdapter, check_loftq_targets, name_matches, plan_adapters
 from adalora_torch._layers import iter_svd_layers
 
 from ._all_linear import all_linear_names
@@ -44,6 +45,7 @@ class Plan:
     exact: str  # full-match regex of the target names
     adapters: list[PlannedAdapter]  # the SVD adapters to create, with their shapes
     save_modules: list[str]  # the modules_to_save modules (wrapped or to wrap)
+    loftq: tuple[int, int] | None = None  # (bits, iterations) when LoftQ initialises the targets
 
 
 def _module_names(model: nn.Module) -> list[str]:
@@ -168,6 +170,13 @@ def plan_adapter(
         rank_pattern=ranks,
     )
     plan = Plan(adapter_name, cfg, exact, adapters, _modules_to_save(model, cfg))
+    if cfg.init_lora_weights == "loftq":
+        bits, iterations = cfg.loftq_config["loftq_bits"], cfg.loftq_config["loftq_iter"]
+        # loading onto the quantized base it was trained on: the file's triplets replace the
+        # initialisation; onto the full-precision base, LoftQ recomputes the same quantized base
+        if source is None or not all(bnb_layer_class(p.module) for p in adapters):
+            check_loftq_targets(adapters, bits, iterations)
+            plan.loftq = (bits, iterations)
     if not cfg.inference_mode:
         # what RankAllocator checks, before the model changes
         init_budget, target_budget = sum(p.rank for p in adapters), cfg.target_r * len(adapters)
