@@ -37,7 +37,7 @@ from ._layers import SVDLinear, is_conv1d
 __all__ = ["LOFTQ_BITS", "LoftQInit", "check_loftq_settings", "loftq_init", "loftq_layer"]
 
 LOFTQ_BITS = (4, 8)  # bitsandbytes' NF4 (4) and LLM.int8() (8); add a quantizer to extend
-LOFTQ_4BIT = {"quant_type": "nf4", "blocksize": 64, "compress_statistics": False}
+LOFTQ_4BIT: dict[str, Any] = {"quant_type": "nf4", "blocksize": 64, "compress_statistics": False}
 
 
 def check_loftq_settings(bits: object, iterations: object) -> None:

@@ -156,7 +156,7 @@ def test_dtype_of_the_base_is_kept(bnb) -> None:
 def test_quantized_or_unsupported_targets_are_refused_before_any_change(bnb) -> None:
     quantized = bnb.nn.Linear4bit(IN, OUT, compute_dtype=torch.float32, quant_type="nf4")
     model = nn.Sequential(_linear(_weight()), quantized.to("cpu"))
-    with pytest.raises(ValueError, match="'1' is a Linear4bit.*full-precision model"):
+    with pytest.raises(ValueError, match=r"'1' is a Linear4bit.*full-precision model"):
         inject_adapters(model, ["0", "1"], rank=RANK, loftq_bits=4)
     assert type(model[0]) is nn.Linear  # nothing changed
     conv = nn.Sequential(nn.Conv2d(3, 4, 3))
