@@ -17,7 +17,7 @@ import adalora_core
 
 from ._enums import PeftType
 from ._io import interrupted_save_hint, write_file_atomic
-from ._loftq_config import check_loftq_config
+from ._loftq_config import LoftQConfig, check_loftq_config
 from ._serialization import CONFIG_NAME, WEIGHTS_NAME
 
 __all__ = ["AdaLoraConfig"]
@@ -139,7 +139,7 @@ class AdaLoraConfig:
     megatron_config: dict[str, Any] | None = None  # not supported: keep None
     megatron_core: str | None = "megatron.core"  # unused without megatron_config
     # LoftQ (init_lora_weights="loftq"): a LoftQConfig or a dict, stored as a dict
-    loftq_config: dict[str, Any] = field(default_factory=dict)
+    loftq_config: dict[str, Any] | LoftQConfig = field(default_factory=dict)
     # -- AdaLoRA ---------------------------------------------------------------------------------
     target_r: int = 8  # average rank per matrix at the end: the final budget is target_r · n
     init_r: int = 12  # rank of every matrix at creation: the initial budget is init_r · n

@@ -24,6 +24,7 @@ from adalora_torch._layers import iter_svd_layers
 
 from ._all_linear import all_linear_names
 from ._config import ALL_LINEAR, AdaLoraConfig
+from ._loftq_config import check_loftq_config
 from ._modules_to_save import wrappers
 from ._serialization import check_adapter_name
 from ._targets import default_target_modules
@@ -171,7 +172,8 @@ def plan_adapter(
     )
     plan = Plan(adapter_name, cfg, exact, adapters, _modules_to_save(model, cfg))
     if cfg.init_lora_weights == "loftq":
-        bits, iterations = cfg.loftq_config["loftq_bits"], cfg.loftq_config["loftq_iter"]
+        loftq = check_loftq_config(cfg.init_lora_weights, cfg.loftq_config)  # the stored dict
+        bits, iterations = loftq["loftq_bits"], loftq["loftq_iter"]
         # loading onto the quantized base it was trained on: the file's triplets replace the
         # initialisation; onto the full-precision base, LoftQ recomputes the same quantized base
         if source is None or not all(bnb_layer_class(p.module) for p in adapters):
