@@ -121,11 +121,7 @@ def test_training_starts_from_the_loftq_triplets(bnb) -> None:
 def test_saved_adapter_loads_onto_the_full_precision_or_the_quantized_base(
     bnb, tmp_path: Path
 ) -> None:
-    model = AdaLoraModel(_gpt2(), _config(loftq_config={"loftq_bits": 4, "loftq_iter": 2}))
-    with torch.no_grad():  # as after training: the triplets moved
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.add_(0.01 * torch.randn_like(p))
+    model = _trained(0)
     trained = _logits(model)
     model.save_pretrained(tmp_path)
     # onto the full-precision base: LoftQ recomputes the same quantized base, the file the
@@ -142,3 +138,29 @@ def test_creating_a_loftq_adapter_on_a_quantized_base_is_refused(bnb) -> None:
     quantized_base = AdaLoraModel(_gpt2(), _config()).unload()
     with pytest.raises(ValueError, match="needs the full-precision weight"):
         AdaLoraModel(quantized_base, _config())
+
+
+def _trained(seed: int) -> AdaLoraModel:
+    model = AdaLoraModel(_gpt2(), _config(loftq_config={"loftq_bits": 4, "loftq_iter": 2}))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # as after training: the triplets moved
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.add_(0.01 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def test_peft_loads_the_adapter_onto_the_quantized_base_once_loftq_is_unset(
+    bnb, tmp_path: Path
+) -> None:
+    peft = pytest.importorskip("peft", reason="peft (the test oracle) is not installed")
+    model = _trained(3)
+    model.save_pretrained(tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    saved = json.loads(config_file.read_text())
+    with pytest.raises(ValueError, match="LOFTQ"):  # PEFT's AdaLoRA refuses LoftQ configs
+        peft.AdaLoraConfig(**{k: v for k, v in saved.items() if k != "peft_type"})
+    # the documented workaround: the quantized base, and the config without LoftQ
+    config_file.write_text(json.dumps({**saved, "init_lora_weights": True, "loftq_config": {}}))
+    theirs = peft.PeftModel.from_pretrained(_trained(3).unload(), tmp_path)
+    torch.testing.assert_close(_logits(theirs), _logits(model), rtol=1e-4, atol=1e-4)
