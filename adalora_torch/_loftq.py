@@ -74,13 +74,9 @@ Quantizer = tuple[Callable[[torch.Tensor], Any], Callable[[Any], torch.Tensor]]
 
 def _quantizer(bits: int, like: Any = None) -> Quantizer:
     """(quantize, dequantize) for ``bits``; 4 bits with the settings of the ``Params4bit``
-    ``like`` (default: ``LOFTQ_4BIT``)."""
+    ``like`` (block size, type, statistics compression, storage, dtype quantized from)."""
     if bits == 8:
         return quantize_8bit, lambda q: dequantize_8bit(*q)
-    if like is None:
-        import bitsandbytes as bnb
-
-        like = bnb.nn.Params4bit(torch.empty(0), requires_grad=False, **LOFTQ_4BIT)
     return (lambda w: quantize_4bit_like(like, w)), (lambda q: dequantize_4bit(*q))
 
 
@@ -115,15 +111,8 @@ def loftq_init(
     ``scale`` is the factor the adapter layer applies to ``B diag(E) A``
     (``lora_alpha / (r₀ + 1e-5)``); ``E`` is divided by it. 4 bits use ``LOFTQ_4BIT`` (NF4,
     blocks of 64, uncompressed statistics) and quantize from ``weight``'s dtype; 8 bits use
-    LLM.int8() rows. Needs bitsandbytes.
-
-    >>> w = torch.randn(32, 64)
-    >>> init = loftq_init(w, rank=4)
-    >>> tuple(init.lora_A.shape), tuple(init.lora_E.shape), tuple(init.lora_B.shape)
-    ((4, 64), (4, 1), (32, 4))
-    >>> fitted = init.dequantized + init.lora_B @ (init.lora_E * init.lora_A)
-    >>> bool((w - fitted).norm() < (w - init.dequantized).norm())
-    True
+    LLM.int8() rows. Needs bitsandbytes (so no doctest here: tests/torch/test_loftq.py).
+    ``dequantized + lora_B @ (lora_E * scale * lora_A)`` is the fitted weight.
     """
     check_loftq_settings(bits, iterations)
     if weight.dim() != 2 or not weight.dtype.is_floating_point:
@@ -203,7 +192,7 @@ def loftq_layer(
         )
     check_loftq_settings(bits, iterations)
     scale = float(layer._scale(adapter_name))
-    like = base.weight if bits == 4 else None  # block size, type, dtype quantized from, ...
+    like = base.weight if bits == 4 else None
     init = _alternate(
         weight.to(layer.lora_A[adapter_name].device),
         layer.r[adapter_name],
