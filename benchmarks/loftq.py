@@ -136,13 +136,13 @@ def main() -> None:
     print(f"\ndevice {device}; {len(test):,} held-out bytes of Python source")
     print(f"{'':<38}{'bits/byte':>10}{'recovered':>11}{'weight error':>14}")
     print(f"{'(a) full-precision base':<38}{fp:>10.4f}")
-    print(f"{'(b) NF4 base (16 target matrices)':<38}{q4:>10.4f}{0.0:>11.2f}{1.0:>14.3f}")
+    print(f"{'(b) NF4 base (16 target matrices)':<38}{q4:>10.4f}{0.0:>11.3f}{1.0:>14.3f}")
     for it in args.iters:
         torch.manual_seed(0)
         model = adalora(base, s, args.orth, it)
         lq, err = bits_per_byte(model, test, block), weight_error(base, model) / plain_error
         label = f"(c) NF4 + LoftQ start, loftq_iter={it}"
-        print(f"{label:<38}{lq:>10.4f}{(q4 - lq) / (q4 - fp):>11.2f}{err:>14.3f}")
+        print(f"{label:<38}{lq:>10.4f}{(q4 - lq) / (q4 - fp):>11.3f}{err:>14.3f}")
     print("recovered: ((b) - (c)) / ((b) - (a)); weight error: ||W - W_used|| relative to (b)")
     if args.no_train:
         return
