@@ -176,7 +176,8 @@ def plan_adapter(
         bits, iterations = loftq["loftq_bits"], loftq["loftq_iter"]
         # loading onto the quantized base it was trained on: the file's triplets replace the
         # initialisation; onto the full-precision base, LoftQ recomputes the same quantized base
-        if source is None or not all(bnb_layer_class(p.module) for p in adapters):
+        quantized = [bnb_layer_class(getattr(p.module, "base_layer", p.module)) for p in adapters]
+        if source is None or not all(quantized):
             check_loftq_targets(adapters, bits, iterations)
             plan.loftq = (bits, iterations)
     if not cfg.inference_mode:

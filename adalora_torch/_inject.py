@@ -309,6 +309,12 @@ def check_loftq_targets(plan: Sequence[PlannedAdapter], bits: int, iterations: i
     check_loftq_settings(bits, iterations)
     for p in plan:
         m = p.module
+        if isinstance(m, _SVDLayerBase):
+            raise ValueError(
+                f"{p.name!r} already holds an adapter, and LoftQ sets the base weight that the "
+                "first adapter of a layer pairs with: add this adapter without LoftQ "
+                "(init_lora_weights=True), or start from the full-precision model."
+            )
         weight = getattr(m, "weight", None)
         dense = isinstance(weight, torch.Tensor) and weight.dtype.is_floating_point
         plain = (isinstance(m, nn.Linear) or is_conv1d(m)) and bnb_layer_class(m) is None

@@ -132,12 +132,19 @@ def test_saved_adapter_loads_onto_the_full_precision_or_the_quantized_base(
     quantized_base = model.unload()
     onto_q = AdaLoraModel.from_pretrained(quantized_base, tmp_path)
     torch.testing.assert_close(_logits(onto_q), trained, rtol=1e-5, atol=1e-5)
+    # a second copy under another name goes onto the same (adapted, quantized) layers
+    onto_q.load_adapter(tmp_path, adapter_name="again")
+    onto_q.set_adapter("again")
+    torch.testing.assert_close(_logits(onto_q), trained, rtol=1e-5, atol=1e-5)
 
 
 def test_creating_a_loftq_adapter_on_a_quantized_base_is_refused(bnb) -> None:
     quantized_base = AdaLoraModel(_gpt2(), _config()).unload()
     with pytest.raises(ValueError, match="needs the full-precision weight"):
         AdaLoraModel(quantized_base, _config())
+    model = AdaLoraModel(_gpt2(), _config())
+    with pytest.raises(ValueError, match="already holds an adapter"):
+        model.add_adapter("second", _config(inference_mode=True))
 
 
 def _trained(seed: int) -> AdaLoraModel:
