@@ -289,3 +289,24 @@ def test_load_adapter_and_from_pretrained_refuse_such_names(
     with pytest.raises(ValueError, match="adapter_name must be a non-empty string"):
         AdaLoraModel.from_pretrained(make_base("bert"), tmp_path, adapter_name=name)
     assert list(model.peft_config) == ["default"]
+
+
+def test_two_models_from_one_config_save_their_own_rank_pattern(
+    make_base, schedule, bert_batch, tmp_path
+) -> None:
+    # PEFT keeps the caller's object, so the untrained model would save the trained one's pattern
+    config = _config(schedule)
+    trained, untouched = (
+        get_peft_model(make_base("bert"), config),
+        get_peft_model(make_base("bert"), config),
+    )
+    optimizer = torch.optim.SGD(trained.parameters(), lr=0.1)
+    for step in range(1, 12):
+        trained(**bert_batch).loss.backward()
+        optimizer.step()
+        trained.update_and_allocate(step)
+        optimizer.zero_grad()
+    assert trained.peft_config["default"].rank_pattern is not None
+    untouched.save_pretrained(tmp_path)
+    assert AdaLoraConfig.from_pretrained(tmp_path).rank_pattern is None
+    assert config.rank_pattern is None
