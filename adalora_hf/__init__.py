@@ -13,6 +13,7 @@ from ._arrays import save_adapter_arrays as save_adapter_arrays
 from ._callback import AdaLoraCallback as AdaLoraCallback
 from ._config import AdaLoraConfig as AdaLoraConfig
 from ._kbit import prepare_model_for_kbit_training as prepare_model_for_kbit_training
+from ._loftq_config import LoftQConfig as LoftQConfig
 from ._model import AdaLoraModel as AdaLoraModel
 from ._modules_to_save import ModulesToSaveWrapper as ModulesToSaveWrapper
 from ._peft_model import AdaLoraPeftModel as AdaLoraPeftModel
@@ -38,6 +39,7 @@ __all__ = [
     "AdaLoraConfig",
     "AdaLoraModel",
     "AdaLoraPeftModel",
+    "LoftQConfig",
     "ModulesToSaveWrapper",
     "PeftConfig",
     "PeftModel",

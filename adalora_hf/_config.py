@@ -17,6 +17,7 @@ import adalora_core
 
 from ._enums import PeftType
 from ._io import interrupted_save_hint, write_file_atomic
+from ._loftq_config import LoftQConfig, check_loftq_config
 from ._serialization import CONFIG_NAME, WEIGHTS_NAME
 
 __all__ = ["AdaLoraConfig"]
@@ -101,7 +102,7 @@ class AdaLoraConfig:
     Validation happens here, with messages that say what to change: ``ValueError`` for
     impossible settings (``target_r > init_r``, ``tinit >= total_step - tfinal``, betas
     outside (0, 1), ``deltaT < 1``, an unknown ``bias``, ...), ``NotImplementedError`` for
-    PEFT features this library does not implement (Megatron, LoftQ, rsLoRA, ``alpha_pattern``).
+    PEFT features this library does not implement (Megatron, rsLoRA, ``alpha_pattern``).
     ``total_step`` may stay None until ``AdaLoraCallback`` fills it in from the Trainer's
     ``max_steps`` or you set it; ``update_and_allocate`` refuses to run without it.
 
@@ -130,14 +131,15 @@ class AdaLoraConfig:
     bias: Literal["none", "all", "lora_only"] = "none"  # which biases train with the adapter
     use_rslora: bool = False  # not supported (PEFT's AdaLoRA ignores it): must stay False
     modules_to_save: list[str] | None = None  # modules trained in full and saved (heads)
-    init_lora_weights: bool | Literal["gaussian", "loftq"] = True  # False: E random too (tests)
+    init_lora_weights: bool | Literal["gaussian", "loftq"] = True  # False: E random (tests)
     layers_to_transform: list[int] | int | None = None  # only these layer indices
     layers_pattern: list[str] | str | None = None  # name of the layer list, e.g. "layers"
     rank_pattern: dict[str, list[bool]] | None = None  # kept triplets per matrix (allocator)
     alpha_pattern: dict[str, float] = field(default_factory=dict)  # not supported: keep empty
     megatron_config: dict[str, Any] | None = None  # not supported: keep None
     megatron_core: str | None = "megatron.core"  # unused without megatron_config
-    loftq_config: dict[str, Any] = field(default_factory=dict)  # not supported: keep empty
+    # LoftQ (init_lora_weights="loftq"): a LoftQConfig or a dict, stored as a dict
+    loftq_config: dict[str, Any] | LoftQConfig = field(default_factory=dict)
     # -- AdaLoRA ---------------------------------------------------------------------------------
     target_r: int = 8  # average rank per matrix at the end: the final budget is target_r · n
     init_r: int = 12  # rank of every matrix at creation: the initial budget is init_r · n
@@ -224,11 +226,6 @@ class AdaLoraConfig:
                 "megatron_config is not supported by adalora (no Megatron tensor-parallel "
                 "layers): leave megatron_config=None."
             )
-        if self.loftq_config or self.init_lora_weights == "loftq":
-            raise NotImplementedError(
-                "LoftQ initialisation is not supported by AdaLoRA (PEFT refuses it too): leave "
-                "loftq_config empty and init_lora_weights=True."
-            )
         if self.use_rslora:
             raise NotImplementedError(
                 "use_rslora=True is not supported: AdaLoRA scales the update by "
@@ -253,12 +250,14 @@ class AdaLoraConfig:
                 f"bias={self.bias!r} is unknown: use 'none' (no bias trains), 'all' (every bias "
                 "trains) or 'lora_only' (the biases of the adapted layers train)."
             )
-        if self.init_lora_weights not in (True, False, "gaussian"):
+        if self.init_lora_weights not in (True, False, "gaussian", "loftq"):
             raise ValueError(
                 f"init_lora_weights={self.init_lora_weights!r} is not supported by AdaLoRA: use "
-                "True (E = 0, A, B ~ N(0, 0.02²); 'gaussian' means the same) or False (E random "
-                "too, the adapter changes the output from the start)."
+                "True (E = 0, A, B ~ N(0, 0.02²); 'gaussian' means the same), False (E random "
+                "too, the adapter changes the output from the start) or 'loftq' (with "
+                "loftq_config: SVD of the quantization residual, docs/quantized.md)."
             )
+        self.loftq_config = check_loftq_config(self.init_lora_weights, self.loftq_config)
         if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool):
             raise ValueError(f"lora_alpha must be a number, got {self.lora_alpha!r}.")
         if not (0.0 <= float(self.lora_dropout) < 1.0):

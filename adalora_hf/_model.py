@@ -147,9 +147,11 @@ class AdaLoraModel(PeftSurface):
             fan_in_fan_out=cfg.fan_in_fan_out,
             layers_to_transform=cfg.layers_to_transform,
             layers_pattern=cfg.layers_pattern,
-            init_weights=bool(cfg.init_lora_weights),
+            init_weights=bool(cfg.init_lora_weights),  # "loftq": see loftq_bits
             rank_pattern={p.name: p.rank for p in plan.adapters if p.rank != cfg.init_r},
             activate=adapter_name in self.active_adapters,
+            loftq_bits=plan.loftq[0] if plan.loftq else None,
+            loftq_iter=plan.loftq[1] if plan.loftq else 1,
         )
         self.peft_config[adapter_name] = cfg
         if any(getattr(self.model.get_submodule(n), "fan_in_fan_out", False) for n in adapted):

@@ -18,11 +18,13 @@ from torch import nn
 
 from adalora_core import validate_schedule
 from adalora_torch import SVDAdapter
-from adalora_torch._inject import PlannedAdapter, name_matches, plan_adapters
+from adalora_torch._bnb import bnb_layer_class
+from adalora_torch._inject import PlannedAdapter, check_loftq_targets, name_matches, plan_adapters
 from adalora_torch._layers import iter_svd_layers
 
 from ._all_linear import all_linear_names
 from ._config import ALL_LINEAR, AdaLoraConfig
+from ._loftq_config import check_loftq_config
 from ._modules_to_save import wrappers
 from ._serialization import check_adapter_name
 from ._targets import default_target_modules
@@ -44,6 +46,7 @@ class Plan:
     exact: str  # full-match regex of the target names
     adapters: list[PlannedAdapter]  # the SVD adapters to create, with their shapes
     save_modules: list[str]  # the modules_to_save modules (wrapped or to wrap)
+    loftq: tuple[int, int] | None = None  # (bits, iterations) when LoftQ initialises the targets
 
 
 def _module_names(model: nn.Module) -> list[str]:
@@ -168,6 +171,15 @@ def plan_adapter(
         rank_pattern=ranks,
     )
     plan = Plan(adapter_name, cfg, exact, adapters, _modules_to_save(model, cfg))
+    if cfg.init_lora_weights == "loftq":
+        loftq = check_loftq_config(cfg.init_lora_weights, cfg.loftq_config)  # the stored dict
+        bits, iterations = loftq["loftq_bits"], loftq["loftq_iter"]
+        # loading onto the quantized base it was trained on: the file's triplets replace the
+        # initialisation; onto the full-precision base, LoftQ recomputes the same quantized base
+        quantized = [bnb_layer_class(getattr(p.module, "base_layer", p.module)) for p in adapters]
+        if source is None or not all(quantized):
+            check_loftq_targets(adapters, bits, iterations)
+            plan.loftq = (bits, iterations)
     if not cfg.inference_mode:
         # what RankAllocator checks, before the model changes
         init_budget, target_budget = sum(p.rank for p in adapters), cfg.target_r * len(adapters)

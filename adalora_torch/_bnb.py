@@ -69,6 +69,74 @@ def dequantize_weight(base: Any) -> torch.Tensor:
     return bf.int8_vectorwise_dequant(weight.data, scb.to(weight.device)).to(torch.float32)
 
 
+def quantize_8bit(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(int8 rows, row absmax)`` of a float ``(out, in)`` weight, bitsandbytes' LLM.int8()
+    scheme (through float16, as ``Linear8bitLt`` quantizes)."""
+    import bitsandbytes.functional as bf
+
+    cb, scb, _ = bf.int8_vectorwise_quant(dense.to(torch.float16).contiguous())
+    return cb, scb
+
+
+def dequantize_8bit(cb: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
+    """The float32 weight of ``quantize_8bit``'s result."""
+    import bitsandbytes.functional as bf
+
+    return bf.int8_vectorwise_dequant(cb, scb).to(torch.float32)
+
+
+def store_8bit(base: Any, cb: torch.Tensor, scb: torch.Tensor) -> None:
+    """Make the ``Linear8bitLt`` ``base`` hold the int8 weight ``(cb, scb)``."""
+    import bitsandbytes as bnb
+
+    base.weight = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
+    base.state.reset_grads()  # the next forward takes CB/SCB from the new weight
+
+
+def quantize_4bit_like(weight: Any, dense: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """``(packed data, QuantState)`` of the float ``(out, in)`` weight ``dense`` with the
+    settings of the ``Params4bit`` ``weight``: block size, quantization type (NF4/FP4),
+    statistics compression, storage dtype, and the float dtype it was quantized from."""
+    import bitsandbytes.functional as bf
+
+    state = getattr(weight, "quant_state", None)
+    dtype = state.dtype if state is not None else weight.dtype
+    return bf.quantize_4bit(  # type: ignore[no-any-return]
+        dense.to(dtype).contiguous(),
+        blocksize=weight.blocksize,
+        compress_statistics=weight.compress_statistics,
+        quant_type=weight.quant_type,
+        quant_storage=weight.quant_storage,
+    )
+
+
+def dequantize_4bit(data: torch.Tensor, state: Any) -> torch.Tensor:
+    """The float32 weight of ``quantize_4bit_like``'s result."""
+    import bitsandbytes.functional as bf
+
+    return bf.dequantize_4bit(data, state).to(torch.float32)
+
+
+def store_4bit(base: Any, data: torch.Tensor, state: Any) -> None:
+    """Make the ``Linear4bit`` ``base`` hold the packed weight ``(data, state)``, keeping the
+    settings of its current weight."""
+    import bitsandbytes as bnb
+
+    weight = base.weight
+    base.weight = bnb.nn.Params4bit(
+        data,
+        requires_grad=False,
+        quant_state=state,
+        blocksize=weight.blocksize,
+        compress_statistics=weight.compress_statistics,
+        quant_type=weight.quant_type,
+        quant_storage=weight.quant_storage,
+        bnb_quantized=True,
+        module=base,
+    )
+    base.quant_state = state
+
+
 def _check_finite(w: torch.Tensor, name: str, storage: str) -> None:
     if not torch.isfinite(w).all():
         raise ValueError(
@@ -95,9 +163,6 @@ class SVDLinear8bitLt(SVDLinear):
         super().__init__(base, rank, alpha, dropout, **kw)
 
     def _add_to_weight(self, delta: torch.Tensor, name: str, safe_merge: bool) -> None:
-        import bitsandbytes as bnb
-        import bitsandbytes.functional as bf
-
         base: Any = self.base_layer  # bitsandbytes' own attributes are untyped
         weight = base.weight
         if not _is_quantized(weight):  # has_fp16_weights=True: a float weight, added in place
@@ -106,11 +171,7 @@ class SVDLinear8bitLt(SVDLinear):
         merged = (dequantize_weight(base) + delta.to(weight.device)).to(torch.float16)
         if safe_merge:
             _check_finite(merged, name, " in float16")
-        cb, scb, _ = bf.int8_vectorwise_quant(merged.contiguous())
-        base.weight = bnb.nn.Int8Params(
-            cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb
-        )
-        base.state.reset_grads()  # the next forward takes CB/SCB from the new weight
+        store_8bit(base, *quantize_8bit(merged))
 
 
 class SVDLinear4bit(SVDLinear):
@@ -132,9 +193,6 @@ class SVDLinear4bit(SVDLinear):
         super().__init__(base, rank, alpha, dropout, **kw)
 
     def _add_to_weight(self, delta: torch.Tensor, name: str, safe_merge: bool) -> None:
-        import bitsandbytes as bnb
-        import bitsandbytes.functional as bf
-
         base: Any = self.base_layer  # bitsandbytes' own attributes are untyped
         weight = base.weight
         if not _is_quantized(weight):  # not quantized yet (still on the meta/CPU float path)
@@ -145,22 +203,4 @@ class SVDLinear4bit(SVDLinear):
         merged = (dense + delta.to(dense.device)).to(state.dtype)
         if safe_merge:
             _check_finite(merged, name, "")
-        data, new_state = bf.quantize_4bit(
-            merged.contiguous(),
-            blocksize=weight.blocksize,
-            compress_statistics=weight.compress_statistics,
-            quant_type=weight.quant_type,
-            quant_storage=weight.quant_storage,
-        )
-        base.weight = bnb.nn.Params4bit(
-            data,
-            requires_grad=False,
-            quant_state=new_state,
-            blocksize=weight.blocksize,
-            compress_statistics=weight.compress_statistics,
-            quant_type=weight.quant_type,
-            quant_storage=weight.quant_storage,
-            bnb_quantized=True,
-            module=base,
-        )
-        base.quant_state = new_state
+        store_4bit(base, *quantize_4bit_like(weight, merged))

@@ -9,8 +9,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from ._bnb import bnb_layer_class
+from ._bnb import SVDLinear4bit, SVDLinear8bitLt, bnb_layer_class
 from ._layers import SVDConv2d, SVDEmbedding, SVDLinear, _SVDLayerBase, is_conv1d, iter_svd_layers
+from ._loftq import _dense_weight, check_loftq_settings, loftq_layer, quantize_linear
 
 __all__ = ["inject_adapters", "mark_only_adapters_trainable"]
 
@@ -212,6 +213,8 @@ def inject_adapters(
     init_weights: bool = True,
     rank_pattern: Mapping[str, int] | None = None,
     activate: bool = True,
+    loftq_bits: int | None = None,
+    loftq_iter: int = 1,
 ) -> list[str]:
     """Replace the target submodules of ``model`` in place by SVD adapter layers.
 
@@ -226,6 +229,12 @@ def inject_adapters(
     layer gets a new adapter ``adapter_name`` (``add_adapter``). ``activate=False`` leaves
     the set of active adapters of every layer as it was (PEFT's ``add_adapter``). Base
     parameters keep their ``requires_grad``; see ``mark_only_adapters_trainable``.
+
+    ``loftq_bits`` (4 or 8): LoftQ initialisation (``adalora_torch._loftq``). Every target must
+    be a full-precision ``nn.Linear`` or ``Conv1D``; each is replaced by a bitsandbytes
+    ``Linear4bit`` (NF4) or ``Linear8bitLt`` holding the LoftQ-quantized weight, under an
+    ``SVDLinear4bit`` / ``SVDLinear8bitLt`` whose triplets start from the top singular triplets
+    of the quantization residual, after ``loftq_iter`` alternating steps.
 
     Returns the adapted module names as in ``model.named_modules()``. Raises ``ValueError``,
     before changing anything, when nothing matches, a matched module has an unsupported type
@@ -248,13 +257,18 @@ def inject_adapters(
         layers_pattern=layers_pattern,
         rank_pattern=rank_pattern,
     )
+    if loftq_bits is not None:
+        check_loftq_targets(plan, loftq_bits, loftq_iter)
     for name, module, r, _, _ in plan:
-        if isinstance(module, _SVDLayerBase):
+        if loftq_bits is not None:
+            new = _wrap_loftq(module, r, alpha, dropout, adapter_name, loftq_bits, loftq_iter, rank)
+        elif isinstance(module, _SVDLayerBase):
             module.add_adapter(
                 adapter_name, r, alpha, dropout, init_weights, ranknum=rank, activate=activate
             )
             continue
-        new = _wrap(module, r, alpha, dropout, adapter_name, fan_in_fan_out, init_weights, rank)
+        else:
+            new = _wrap(module, r, alpha, dropout, adapter_name, fan_in_fan_out, init_weights, rank)
         if not activate:
             new.set_adapter([])
         parent_name, _, child = name.rpartition(".")
@@ -287,6 +301,55 @@ def _wrap(
         return bnb_class(module, *args, **kw)
     # nn.Linear or Conv1D (plan_adapters refused anything else)
     return SVDLinear(module, *args, fan_in_fan_out=fan_in_fan_out or is_conv1d(module), **kw)
+
+
+def check_loftq_targets(plan: Sequence[PlannedAdapter], bits: int, iterations: int) -> None:
+    """Raise unless LoftQ can initialise every planned adapter: settings supported, every
+    target a full-precision ``nn.Linear`` / ``Conv1D``, bitsandbytes installed."""
+    check_loftq_settings(bits, iterations)
+    for p in plan:
+        m = p.module
+        if isinstance(m, _SVDLayerBase):
+            raise ValueError(
+                f"{p.name!r} already holds an adapter, and LoftQ sets the base weight that the "
+                "first adapter of a layer pairs with: add this adapter without LoftQ "
+                "(init_lora_weights=True), or start from the full-precision model."
+            )
+        weight = getattr(m, "weight", None)
+        dense = isinstance(weight, torch.Tensor) and weight.dtype.is_floating_point
+        plain = (isinstance(m, nn.Linear) or is_conv1d(m)) and bnb_layer_class(m) is None
+        if not (plain and dense):
+            raise ValueError(
+                f"LoftQ initialisation needs the full-precision weight of every target, but "
+                f"{p.name!r} is a {type(m).__name__}: LoftQ quantizes nn.Linear and Conv1D "
+                "targets itself, so create the adapter on the full-precision model (loaded "
+                "without a quantization_config) and narrow the targets to linear layers."
+            )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ImportError(
+            "LoftQ initialisation quantizes with bitsandbytes, which is not installed: "
+            "pip install 'adalora[bnb]'."
+        ) from None
+
+
+def _wrap_loftq(
+    module: nn.Module,
+    rank: int,
+    alpha: float,
+    dropout: float,
+    adapter_name: str,
+    bits: int,
+    iterations: int,
+    ranknum: int,
+) -> _SVDLayerBase:
+    weight = _dense_weight(module)  # (out, in)
+    cls = SVDLinear4bit if bits == 4 else SVDLinear8bitLt
+    kw: dict[str, Any] = {"adapter_name": adapter_name, "ranknum": ranknum}
+    new = cls(quantize_linear(module, bits), rank, alpha, dropout, **kw)
+    loftq_layer(new, weight, adapter_name, iterations)
+    return new
 
 
 def mark_only_adapters_trainable(

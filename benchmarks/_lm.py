@@ -139,11 +139,11 @@ def pretrained_lm(recipe: LMRecipe, cache_dir: Path, log: Callable[[str], None])
 @torch.no_grad()
 def bits_per_byte(model: nn.Module, data: torch.Tensor, block: int, limit: int = 256) -> float:
     """Mean next-byte cross-entropy in bits over up to ``limit`` consecutive windows of
-    ``data`` (the first byte of each window is context only)."""
+    ``data`` (the first byte of each window is context only), on the model's device."""
     was = model.training
     model.eval()
     n = min(limit, len(data) // block)
-    x = data[: n * block].view(n, block)
+    x = data[: n * block].view(n, block).to(next(model.parameters()).device)
     total = 0.0
     for chunk in x.split(64):
         logits = model(input_ids=chunk).logits[:, :-1]
@@ -164,15 +164,17 @@ def adapt(
     lr: float,
     after_step: Callable[[int], Any] | None,
 ) -> None:
-    """AdamW (linear decay) on what requires grad, on seeded windows of ``train``; the loss
-    is the model's own (AdaLoRA's includes the orthogonal penalty where its path adds it)."""
+    """AdamW (linear decay) on what requires grad, on seeded windows of ``train`` (moved to
+    the device of those parameters); the loss is the model's own (AdaLoRA's includes the
+    orthogonal penalty where its path adds it)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0 - i / steps)
     g = torch.Generator().manual_seed(seed + 1)
+    device = params[0].device
     model.train()
     for step in range(1, steps + 1):
-        x = batch(train, batch_size, block, g)
+        x = batch(train, batch_size, block, g).to(device)
         model(input_ids=x, labels=x).loss.backward()
         optimizer.step()
         decay.step()

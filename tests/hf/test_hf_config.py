@@ -127,6 +127,8 @@ INVALID: list[tuple[dict[str, Any], str]] = [
     ({"modules_to_save": "classifier"}, "modules_to_save must be a list"),
     ({"rank_pattern": {"q.lora_E": [1, 0]}}, "rank_pattern must map"),
     ({"init_lora_weights": "pissa"}, "not supported by AdaLoRA"),
+    ({"loftq_config": {"loftq_bits": 4}}, "set init_lora_weights='loftq'"),
+    ({"init_lora_weights": "loftq"}, "init_lora_weights='loftq' needs loftq_config"),
 ]
 
 
@@ -138,8 +140,6 @@ def test_invalid_setting_says_what_to_change(kwargs: dict[str, Any], message: st
 
 UNSUPPORTED: list[tuple[dict[str, Any], str]] = [
     ({"megatron_config": {"tensor_model_parallel_size": 2}}, "megatron_config"),
-    ({"loftq_config": {"loftq_bits": 4}}, "LoftQ"),
-    ({"init_lora_weights": "loftq"}, "LoftQ"),
     ({"use_rslora": True}, "use_rslora=True is not supported"),
     ({"alpha_pattern": {"q": 16}}, "alpha_pattern is not supported"),
 ]

@@ -138,6 +138,9 @@ _CONFIGS: dict[str, dict[str, Any]] = {
     "config-peft-type-lora": {"peft_type": "LORA"},
     "config-layers-with-regex": {"target_modules": r".*query", "layers_to_transform": [0]},
     "config-alpha-pattern": {"alpha_pattern": {"query": 16}},
+    "config-loftq-without-config": {"init_lora_weights": "loftq"},
+    "config-loftq-config-without-loftq": {"loftq_config": {"loftq_bits": 4}},
+    "config-loftq-bits": {"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 2}},
 }
 for _name, _kw in _CONFIGS.items():
     case(_name)(lambda env, kw=_kw: lambda: AdaLoraConfig(**kw))
