@@ -13,7 +13,7 @@ matrices at the target and the initial rank, and the head alone. The seed draws 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -139,10 +139,17 @@ def fresh(backbone: TabularBert, seed: int) -> TabularBert:
 
 
 def cancer(
-    seed: int, settings: Any, pretrain_steps: int, orth_weights: list[float]
+    seed: int,
+    settings: Any,
+    pretrain_steps: int,
+    orth_weights: list[float],
+    lr_factors: Sequence[float] = (),
 ) -> list[tuple[str, float, float, int]]:
-    """(method, test accuracy, test cross-entropy, final adapter parameters) on one seed."""
+    """(method, test accuracy, test cross-entropy, final adapter parameters) on one seed; for
+    every factor ``k`` in ``lr_factors`` also AdaLoRA without the penalty and LoRA at both
+    ranks at ``k`` times ``settings.lr`` (rows suffixed as ``_lm.lr_suffix`` says)."""
     import peft
+    from _lm import lr_suffix
 
     import adalora_hf
 
@@ -166,17 +173,26 @@ def cancer(
         settings, tinit_frac=0.0, tfinal_frac=0.0, deltaT=1, orth_reg_weight=0.0
     )
     adalora("AdaLoRA PEFT schedule", peft_schedule)
-    for r in (settings.target_r, settings.init_r):  # PEFT's LoRA
+
+    def lora(r: int, s: Any, name: str) -> None:  # PEFT's LoRA
         model = fresh(backbone, seed)
         torch.manual_seed(seed)
-        config = peft.LoraConfig(r=r, lora_alpha=settings.scale * r, target_modules=TARGETS)
+        config = peft.LoraConfig(r=r, lora_alpha=s.scale * r, target_modules=TARGETS)
         lora: Any = peft.get_peft_model(model, config)
         model.head.requires_grad_(True)
-        acc, loss = adapt(lora, data, seed, settings, None)
+        acc, loss = adapt(lora, data, seed, s, None)
         params = sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n)
-        rows.append((f"LoRA r={r}", acc, loss, params))
+        rows.append((name, acc, loss, params))
+
+    for r in (settings.target_r, settings.init_r):
+        lora(r, settings, f"LoRA r={r}")
     model = fresh(backbone, seed)  # the head alone
     model.head.requires_grad_(True)
     acc, loss = adapt(model, data, seed, settings, None)
     rows.append(("head", acc, loss, 0))
+    for k in lr_factors:
+        faster = replace(settings, lr=k * settings.lr)
+        adalora(f"AdaLoRA orth=0.0{lr_suffix(k)}", replace(faster, orth_reg_weight=0.0))
+        for r in (settings.target_r, settings.init_r):
+            lora(r, faster, f"LoRA r={r}{lr_suffix(k)}")
     return rows

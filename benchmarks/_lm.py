@@ -24,7 +24,7 @@ import hashlib
 import json
 import math
 import sysconfig
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -191,7 +191,7 @@ class LMSettings:
 
     steps: int = 300
     batch_size: int = 16
-    lr: float = 5e-3  # AdamW, linear decay; the same for every method
+    lr: float = 5e-3  # AdamW, linear decay; the same for every method of the main rows
     init_r: int = 12
     target_r: int = 4
     scale: float = 2.0  # LoRA alpha / r = AdaLoRA lora_alpha / init_r
@@ -216,9 +216,16 @@ def _shape(layer: Any) -> tuple[int, int]:
 
 
 def lm_runs(
-    base: Any, seed: int, s: LMSettings, orth_weights: list[float], with_peft: bool
+    base: Any,
+    seed: int,
+    s: LMSettings,
+    orth_weights: list[float],
+    with_peft: bool,
+    lr_factors: Sequence[float] = (),
 ) -> list[tuple[str, float, int]]:
-    """(method, test bits per byte, final adapter parameters) of every method on one seed."""
+    """(method, test bits per byte, final adapter parameters) of every method on one seed;
+    for every factor ``k`` in ``lr_factors`` also AdaLoRA without the penalty and LoRA at both
+    ranks at ``k`` times ``s.lr`` (rows suffixed ``lr xk``, see ``lr_suffix``)."""
     import copy
 
     import adalora_hf
@@ -229,8 +236,8 @@ def lm_runs(
     block = base.config.n_positions
     rows: list[tuple[str, float, int]] = []
 
-    def run(model: nn.Module, after: Callable[[int], Any] | None) -> float:
-        adapt(model, train, seed, s.steps, s.batch_size, block, s.lr, after)
+    def run(model: nn.Module, after: Callable[[int], Any] | None, k: float = 1.0) -> float:
+        adapt(model, train, seed, s.steps, s.batch_size, block, k * s.lr, after)
         return bits_per_byte(model, test, block)
 
     def frozen() -> Any:
@@ -239,15 +246,18 @@ def lm_runs(
         torch.manual_seed(seed)
         return model
 
-    rows.append(("frozen", bits_per_byte(base, test, block), 0))
-    for r in (s.target_r, s.init_r):
+    def lora(r: int, k: float = 1.0) -> None:
         model, params = frozen(), 0
         for layer in list(model.modules()):
             for child_name, child in list(layer.named_children()):
                 if child_name in TARGETS:
                     setattr(layer, child_name, LoRALinear(child, r, s.scale * r))
                     params += r * sum(_shape(child))
-        rows.append((f"LoRA r={r}", run(model, None), params))
+        rows.append((f"LoRA r={r}{lr_suffix(k)}", run(model, None, k), params))
+
+    rows.append(("frozen", bits_per_byte(base, test, block), 0))
+    for r in (s.target_r, s.init_r):
+        lora(r)
 
     def ada_params(ada: Any) -> int:
         total = 0
@@ -269,4 +279,15 @@ def lm_runs(
         oracle: Any = peft.get_peft_model(frozen(), peft.AdaLoraConfig(**s.adalora(0.5)))
         bpb = run(oracle, oracle.base_model.update_and_allocate)
         rows.append(("PEFT get_peft_model", bpb, ada_params(oracle.base_model)))
+    for k in lr_factors:
+        ada = adalora_hf.AdaLoraModel(frozen(), adalora_hf.AdaLoraConfig(**s.adalora(0.0)))
+        bpb = run(ada, ada.update_and_allocate, k)
+        rows.append((f"AdaLoRA orth=0.0{lr_suffix(k)}", bpb, ada_params(ada)))
+        for r in (s.target_r, s.init_r):
+            lora(r, k)
     return rows
+
+
+def lr_suffix(k: float) -> str:
+    """The suffix of a row trained at ``k`` times the task's learning rate (none for 1)."""
+    return "" if k == 1 else f", lr x{k:g}"
