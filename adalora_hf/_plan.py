@@ -49,6 +49,24 @@ class Plan:
     loftq: tuple[int, int] | None = None  # (bits, iterations) when LoftQ initialises the targets
 
 
+def _check_same_loftq_base(
+    cfg: AdaLoraConfig, existing: Mapping[str, AdaLoraConfig], source: str
+) -> None:
+    """A LoftQ adapter loaded onto layers that another LoftQ adapter quantized pairs with their
+    base only if both were made with the same settings (the quantized weight depends on them)."""
+    for name, other in existing.items():
+        if other.init_lora_weights != "loftq":
+            continue
+        if (other.loftq_config, other.init_r) != (cfg.loftq_config, cfg.init_r):
+            raise ValueError(
+                f"The LoftQ adapter in {source} was made with loftq_config={cfg.loftq_config} "
+                f"and init_r={cfg.init_r}, but this model's base was quantized by adapter "
+                f"{name!r} with loftq_config={other.loftq_config} and init_r={other.init_r}: "
+                "its triplets pair with another quantized weight. Load it onto a fresh "
+                "full-precision model instead."
+            )
+
+
 def _module_names(model: nn.Module) -> list[str]:
     return [n for n, _ in model.named_modules() if n][:12]
 
@@ -180,6 +198,8 @@ def plan_adapter(
         if source is None or not all(quantized):
             check_loftq_targets(adapters, bits, iterations)
             plan.loftq = (bits, iterations)
+        else:
+            _check_same_loftq_base(cfg, existing, source)
     if not cfg.inference_mode:
         # what RankAllocator checks, before the model changes
         init_budget, target_budget = sum(p.rank for p in adapters), cfg.target_r * len(adapters)

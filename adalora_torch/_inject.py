@@ -311,9 +311,10 @@ def check_loftq_targets(plan: Sequence[PlannedAdapter], bits: int, iterations: i
         m = p.module
         if isinstance(m, _SVDLayerBase):
             raise ValueError(
-                f"{p.name!r} already holds an adapter, and LoftQ sets the base weight that the "
-                "first adapter of a layer pairs with: add this adapter without LoftQ "
-                "(init_lora_weights=True), or start from the full-precision model."
+                f"{p.name!r} already holds an adapter, and LoftQ replaces the base weight that "
+                "every adapter of the layer pairs with: start from a fresh full-precision "
+                "model (to load a saved LoftQ adapter next to others, load it onto the "
+                "quantized base that unload() returns)."
             )
         weight = getattr(m, "weight", None)
         dense = isinstance(weight, torch.Tensor) and weight.dtype.is_floating_point
@@ -324,6 +325,12 @@ def check_loftq_targets(plan: Sequence[PlannedAdapter], bits: int, iterations: i
                 f"{p.name!r} is a {type(m).__name__}: LoftQ quantizes nn.Linear and Conv1D "
                 "targets itself, so create the adapter on the full-precision model (loaded "
                 "without a quantization_config) and narrow the targets to linear layers."
+            )
+        assert isinstance(weight, torch.Tensor)
+        if not bool(torch.isfinite(weight).all()):
+            raise ValueError(
+                f"The weight of {p.name!r} has NaN or inf entries, which LoftQ cannot quantize "
+                "or decompose: repair the base model's weights first."
             )
     try:
         import bitsandbytes  # noqa: F401

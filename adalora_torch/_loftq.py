@@ -45,7 +45,7 @@ def check_loftq_settings(bits: object, iterations: object) -> None:
 
     Raises ``ValueError`` saying what to change.
     """
-    if isinstance(bits, bool) or bits not in LOFTQ_BITS:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in LOFTQ_BITS:
         raise ValueError(
             f"loftq_bits={bits!r} is not supported: use 4 (bitsandbytes NF4, blocks of 64) or "
             "8 (bitsandbytes LLM.int8() rows), the quantizations the adapter layers can hold."
@@ -115,6 +115,8 @@ def loftq_init(
     ``dequantized + lora_B @ (lora_E * scale * lora_A)`` is the fitted weight.
     """
     check_loftq_settings(bits, iterations)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"loftq_init needs a rank >= 1 (the triplets to fit), got {rank!r}.")
     if weight.dim() != 2 or not weight.dtype.is_floating_point:
         raise ValueError(
             f"loftq_init needs a floating-point (out, in) weight, got dtype {weight.dtype} and "
@@ -193,15 +195,15 @@ def loftq_layer(
     check_loftq_settings(bits, iterations)
     scale = float(layer._scale(adapter_name))
     like = base.weight if bits == 4 else None
+    # Q depends on the rank of the fit from the second iteration on: fit at the creation rank
+    # r0 always, so that an adapter created smaller (a saved, pruned one being loaded) gets the
+    # Q its triplets were trained on; it keeps the leading r triplets
+    r, r0 = layer.r[adapter_name], int(layer.ranknum[adapter_name].item())
     init = _alternate(
-        weight.to(layer.lora_A[adapter_name].device),
-        layer.r[adapter_name],
-        iterations,
-        scale,
-        _quantizer(bits, like),
+        weight.to(layer.lora_A[adapter_name].device), r0, iterations, scale, _quantizer(bits, like)
     )
     (store_4bit if bits == 4 else store_8bit)(base, *init.quantized)
     with torch.no_grad():
-        layer.lora_A[adapter_name].copy_(init.lora_A)
-        layer.lora_E[adapter_name].copy_(init.lora_E)
-        layer.lora_B[adapter_name].copy_(init.lora_B)
+        layer.lora_A[adapter_name].copy_(init.lora_A[:r])
+        layer.lora_E[adapter_name].copy_(init.lora_E[:r])
+        layer.lora_B[adapter_name].copy_(init.lora_B[:, :r])

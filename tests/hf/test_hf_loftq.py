@@ -173,3 +173,59 @@ def test_peft_loads_the_adapter_onto_the_quantized_base_once_loftq_is_unset(
     config_file.write_text(json.dumps({**saved, "init_lora_weights": True, "loftq_config": {}}))
     theirs = peft.PeftModel.from_pretrained(_trained(3).unload(), tmp_path)
     torch.testing.assert_close(_logits(theirs), _logits(model), rtol=1e-4, atol=1e-4)
+
+
+def test_a_pruned_and_shrunk_adapter_reloads_onto_the_same_quantized_base(
+    bnb, tmp_path: Path
+) -> None:
+    # from the second iteration on Q depends on the rank of the fit: a reload that creates the
+    # layers at their kept ranks must still quantize with the fit at init_r
+    from adalora_torch import shrink_to_pattern
+
+    loftq_config = {"loftq_bits": 4, "loftq_iter": 2}
+    model = AdaLoraModel(
+        _gpt2(), _config(loftq_config=loftq_config, total_step=12, tinit=2, tfinal=4, deltaT=1)
+    )
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for step in range(12):
+        model(input_ids=_ids(), labels=_ids()).loss.backward()
+        optimizer.step()
+        model.update_and_allocate(step)
+        optimizer.zero_grad()
+    shrink_to_pattern(model.model, optimizer)
+    assert any(m.lora_E["default"].shape[0] < 8 for m in _loftq_layers(model))
+    trained = _logits(model)
+    model.save_pretrained(tmp_path)
+    again = AdaLoraModel.from_pretrained(_gpt2(), tmp_path)
+    torch.testing.assert_close(_logits(again), trained, rtol=1e-5, atol=1e-5)
+
+
+def _loftq_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, SVDLinear4bit | SVDLinear8bitLt)]
+
+
+def test_an_adapter_made_with_other_loftq_settings_is_refused_on_a_loftq_base(
+    bnb, tmp_path: Path
+) -> None:
+    AdaLoraModel(_gpt2(), _config(loftq_config={"loftq_bits": 4, "loftq_iter": 2})).save_pretrained(
+        tmp_path
+    )
+    model = AdaLoraModel(_gpt2(), _config())  # loftq_iter=1: another quantized weight
+    with pytest.raises(ValueError, match="pair with another quantized weight"):
+        model.load_adapter(tmp_path, adapter_name="other")
+    assert list(model.peft_config) == ["default"]
+
+
+def test_a_non_finite_weight_is_refused_before_any_change(bnb) -> None:
+    base = _gpt2()
+    with torch.no_grad():
+        base.transformer.h[1].mlp.c_fc.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        AdaLoraModel(base, _config())
+    assert not _loftq_layers(base)
+
+
+def test_loftq_bits_must_be_an_integer() -> None:
+    with pytest.raises(ValueError, match=r"loftq_bits=4\.0"):
+        _config(loftq_config={"loftq_bits": 4.0, "loftq_iter": 1})

@@ -181,3 +181,11 @@ def test_rank_above_the_matrix_rank_pads_with_zero_singular_values(bnb) -> None:
     init = loftq_init(w, 20, 8)
     assert init.lora_E.shape == (20, 1)
     assert bool((init.lora_E[16:] == 0).all()) and bool((init.lora_E[:16] > 0).all())
+
+
+def test_8bit_layers_use_the_threshold_transformers_loads_int8_models_with(bnb) -> None:
+    # LLM.int8() with threshold 6.0 (BitsAndBytesConfig's default): outlier columns of the
+    # activations in float16, so an int8-loaded base and a LoftQ 8-bit base compute alike
+    layer = quantize_linear(_linear(_weight()), 8)
+    assert layer.state.threshold == 6.0
+    assert not layer.state.has_fp16_weights
