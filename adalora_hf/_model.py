@@ -228,18 +228,28 @@ class AdaLoraModel(PeftSurface):
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Context manager: run the base model alone (merged adapters are unmerged)."""
-        layers = [m for _, m in svd_layers(self.model)] + [m for _, m in wrappers(self.model)]
+        """Context manager: run the base model alone (merged adapters are unmerged). As in
+        PEFT 0.21, the adapters' parameters (and ``modules_to_save`` copies) are frozen inside
+        and get their ``requires_grad`` back on exit."""
+        svd, saved = [m for _, m in svd_layers(self.model)], [m for _, m in wrappers(self.model)]
+        layers = svd + saved
+        params = [p for m in svd for d in (m.lora_A, m.lora_E, m.lora_B) for p in d.values()]
+        params += [p for m in saved for p in m.modules_to_save.parameters()]
         before = [layer.disable_adapters for layer in layers]
+        grads_before = [p.requires_grad for p in params]
         disabled_before = self._adapters_disabled
         try:
             for layer in layers:
                 layer.disable_adapters = True
+            for p in params:
+                p.requires_grad_(False)
             self._adapters_disabled = True
             yield
         finally:
             for layer, flag in zip(layers, before):
                 layer.disable_adapters = flag
+            for p, flag in zip(params, grads_before):
+                p.requires_grad_(flag)
             self._adapters_disabled = disabled_before
 
     # -- forward ------------------------------------------------------------------------------

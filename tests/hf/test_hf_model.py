@@ -245,6 +245,26 @@ def test_disable_adapter_runs_the_base_model(make_base, schedule, bert_batch) ->
     torch.testing.assert_close(_logits(model, bert_batch), with_adapter)
 
 
+def _needs_grad(model) -> list[str]:
+    return sorted(n for n, p in model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.skipif(OLD_PEFT, reason="the oracle is PEFT 0.21's disable_adapter")
+def test_disable_adapter_freezes_the_adapters_inside_as_peft(make_base, schedule) -> None:
+    kw = schedule(modules_to_save=["classifier"])
+    seen = {}
+    for lib in (adalora_hf, peft):
+        model = lib.get_peft_model(make_base("bert"), lib.AdaLoraConfig(**kw))
+        before = _needs_grad(model)
+        with model.disable_adapter():
+            inside = _needs_grad(model)
+        seen[lib.__name__] = (before, inside, _needs_grad(model))
+    before, inside, after = seen["adalora_hf"]
+    assert any("lora_E" in n for n in before) and any("modules_to_save" in n for n in before)
+    assert inside == [] and after == before
+    assert seen["adalora_hf"] == seen["peft"]
+
+
 def test_merge_unmerge_and_merge_and_unload(make_base, schedule, bert_batch) -> None:
     model = AdaLoraModel(
         make_base("bert"),
