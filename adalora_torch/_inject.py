@@ -11,7 +11,13 @@ from torch import nn
 
 from ._bnb import SVDLinear4bit, SVDLinear8bitLt, bnb_layer_class
 from ._layers import SVDConv2d, SVDEmbedding, SVDLinear, _SVDLayerBase, is_conv1d, iter_svd_layers
-from ._loftq import _dense_weight, check_loftq_settings, loftq_layer, quantize_linear
+from ._loftq import (
+    _dense_weight,
+    check_loftq_settings,
+    check_loftq_target,
+    loftq_layer,
+    quantize_linear,
+)
 
 __all__ = ["inject_adapters", "mark_only_adapters_trainable"]
 
@@ -316,22 +322,7 @@ def check_loftq_targets(plan: Sequence[PlannedAdapter], bits: int, iterations: i
                 "model (to load a saved LoftQ adapter next to others, load it onto the "
                 "quantized base that unload() returns)."
             )
-        weight = getattr(m, "weight", None)
-        dense = isinstance(weight, torch.Tensor) and weight.dtype.is_floating_point
-        plain = (isinstance(m, nn.Linear) or is_conv1d(m)) and bnb_layer_class(m) is None
-        if not (plain and dense):
-            raise ValueError(
-                f"LoftQ initialisation needs the full-precision weight of every target, but "
-                f"{p.name!r} is a {type(m).__name__}: LoftQ quantizes nn.Linear and Conv1D "
-                "targets itself, so create the adapter on the full-precision model (loaded "
-                "without a quantization_config) and narrow the targets to linear layers."
-            )
-        assert isinstance(weight, torch.Tensor)
-        if not bool(torch.isfinite(weight).all()):
-            raise ValueError(
-                f"The weight of {p.name!r} has NaN or inf entries, which LoftQ cannot quantize "
-                "or decompose: repair the base model's weights first."
-            )
+        check_loftq_target(p.name, m)
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:

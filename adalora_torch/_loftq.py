@@ -34,7 +34,14 @@ from ._bnb import (
 )
 from ._layers import SVDLinear, is_conv1d
 
-__all__ = ["LOFTQ_BITS", "LoftQInit", "check_loftq_settings", "loftq_init", "loftq_layer"]
+__all__ = [
+    "LOFTQ_BITS",
+    "LoftQInit",
+    "check_loftq_settings",
+    "check_loftq_target",
+    "loftq_init",
+    "loftq_layer",
+]
 
 LOFTQ_BITS = (4, 8)  # bitsandbytes' NF4 (4) and LLM.int8() (8); add a quantizer to extend
 LOFTQ_4BIT: dict[str, Any] = {"quant_type": "nf4", "blocksize": 64, "compress_statistics": False}
@@ -160,15 +167,32 @@ def quantize_linear(module: nn.Module, bits: int) -> nn.Module:
     return new  # type: ignore[no-any-return]
 
 
+def check_loftq_target(name: str, module: nn.Module) -> None:
+    """The one check of a module LoftQ is to quantize: a full-precision ``nn.Linear`` or
+    ``Conv1D`` (not a bitsandbytes layer) with finite weights. Raises ``ValueError`` saying
+    what to do instead."""
+    weight = getattr(module, "weight", None)
+    dense = isinstance(weight, torch.Tensor) and weight.dtype.is_floating_point
+    linear = isinstance(module, nn.Linear) or is_conv1d(module)
+    if not (linear and dense and bnb_layer_class(module) is None):
+        raise ValueError(
+            f"LoftQ initialisation needs the full-precision weight of every target, but "
+            f"{name!r} is a {type(module).__name__}: LoftQ quantizes nn.Linear and Conv1D "
+            "targets itself, so create the adapter on the full-precision model (loaded "
+            "without a quantization_config) and narrow the targets to linear layers."
+        )
+    assert isinstance(weight, torch.Tensor)
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError(
+            f"The weight of {name!r} has NaN or inf entries, which LoftQ cannot quantize "
+            "or decompose: repair the base model's weights first."
+        )
+
+
 def _dense_weight(module: nn.Module) -> torch.Tensor:
+    check_loftq_target("the layer", module)
     weight = module.weight
     assert isinstance(weight, torch.Tensor)
-    if not weight.dtype.is_floating_point or bnb_layer_class(module) is not None:
-        raise ValueError(
-            f"LoftQ needs the full-precision weight, but this {type(module).__name__} holds a "
-            "quantized one: create the adapter on the full-precision model (loaded without a "
-            "quantization_config); init_lora_weights='loftq' quantizes the targets itself."
-        )
     return weight.detach().T if is_conv1d(module) else weight.detach()
 
 
