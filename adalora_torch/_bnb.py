@@ -60,13 +60,13 @@ def dequantize_weight(base: Any) -> torch.Tensor:
                 state.absmax = state.absmax.T.reshape(-1).to(torch.float32)
             weight.data, weight.quant_state = data, state
             base.quant_state = state
-        return bf.dequantize_4bit(data, state).to(torch.float32)
+        return dequantize_4bit(data, state)
     # Int8Params: int8 rows and their absmax scales, kept on the weight until the first forward
     # moves them to the layer's matmul state
     scb = getattr(base.state, "SCB", None)
     if scb is None:
         scb = weight.SCB
-    return bf.int8_vectorwise_dequant(weight.data, scb.to(weight.device)).to(torch.float32)
+    return dequantize_8bit(weight.data, scb.to(weight.device))
 
 
 def quantize_8bit(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
