@@ -231,10 +231,8 @@ class AdaLoraModel(PeftSurface):
         """Context manager: run the base model alone (merged adapters are unmerged). As in
         PEFT 0.21, the adapters' parameters (and ``modules_to_save`` copies) are frozen inside
         and get their ``requires_grad`` back on exit."""
-        svd, saved = [m for _, m in svd_layers(self.model)], [m for _, m in wrappers(self.model)]
-        layers = svd + saved
-        params = [p for m in svd for d in (m.lora_A, m.lora_E, m.lora_B) for p in d.values()]
-        params += [p for m in saved for p in m.modules_to_save.parameters()]
+        layers = [m for _, m in svd_layers(self.model)] + [m for _, m in wrappers(self.model)]
+        params = [p for _, p in self._adapter_parameters()]
         before = [layer.disable_adapters for layer in layers]
         grads_before = [p.requires_grad for p in params]
         disabled_before = self._adapters_disabled

@@ -112,20 +112,24 @@ class PeftSurface(nn.Module):
         self._adapter_switch(False)
 
     # -- gradients ----------------------------------------------------------------------------
+    def _adapter_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """``(adapter name, parameter)`` for every adapter's A, E, B and ``modules_to_save``
+        copies."""
+        for _, layer in svd_layers(self.model):
+            for kind in (layer.lora_A, layer.lora_E, layer.lora_B):
+                yield from kind.items()
+        for _, wrapper in wrappers(self.model):
+            for adapter, copy in wrapper.modules_to_save.items():
+                for param in copy.parameters():
+                    yield adapter, param
+
     def _set_grads(self, names: set[str], requires_grad: bool, others: bool | None) -> None:
         """``requires_grad`` on the A, E, B (and ``modules_to_save`` copies) of ``names``; with
         ``others`` set, that flag on every other adapter's."""
-        for _, layer in svd_layers(self.model):
-            for kind in (layer.lora_A, layer.lora_E, layer.lora_B):
-                for adapter, param in kind.items():
-                    flag = requires_grad if adapter in names else others
-                    if flag is not None:
-                        param.requires_grad_(flag)
-        for _, wrapper in wrappers(self.model):
-            for adapter, copy in wrapper.modules_to_save.items():
-                flag = requires_grad if adapter in names else others
-                if flag is not None:
-                    copy.requires_grad_(flag)
+        for adapter, param in self._adapter_parameters():
+            flag = requires_grad if adapter in names else others
+            if flag is not None:
+                param.requires_grad_(flag)
 
     def set_requires_grad(
         self, adapter_names: str | Sequence[str], requires_grad: bool = True
