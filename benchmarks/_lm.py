@@ -20,11 +20,12 @@ block (transformers' ``Conv1D``): 16 matrices of shapes 64x192, 64x64, 64x256 an
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
 import sysconfig
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -215,6 +216,49 @@ def _shape(layer: Any) -> tuple[int, int]:
     return (int(w.shape[0]), int(w.shape[1]))  # Conv1D: (in, out)
 
 
+def frozen_copy(base: nn.Module, seed: int) -> Any:
+    """A frozen copy of ``base``, with torch's generator seeded for the adapters to come."""
+    model = copy.deepcopy(base)
+    model.requires_grad_(False)
+    torch.manual_seed(seed)
+    return model
+
+
+def add_lora(model: nn.Module, ranks: Mapping[str, int], scale: float) -> int:
+    """Wrap every target matrix whose path has a rank > 0 in ``ranks`` in LoRA (alpha
+    ``scale * r``); returns the LoRA parameters added."""
+    from adalora_hf.cli._lora import LoRALinear
+
+    params = 0
+    for name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            r = ranks.get(f"{name}.{child_name}", 0)
+            if child_name in TARGETS and r > 0:
+                setattr(parent, child_name, LoRALinear(child, r, scale * r))
+                params += r * sum(_shape(child))
+    return params
+
+
+def target_paths(model: nn.Module) -> list[str]:
+    """The paths of the target matrices, as ``add_lora`` names them."""
+    return [n for n, _ in model.named_modules() if n.split(".")[-1] in TARGETS]
+
+
+def kept_ranks(model: nn.Module) -> dict[str, int]:
+    """Triplets an AdaLoRA adapter ("default") keeps per matrix (nonzero E)."""
+    from adalora_torch._layers import iter_svd_layers
+
+    return {p: int((m.lora_E["default"] != 0).sum()) for p, m in iter_svd_layers(model)}
+
+
+def adalora_params(model: nn.Module) -> int:
+    """AdaLoRA's adapter parameters after pruning: ``(in + out + 1)`` per kept triplet."""
+    from adalora_torch._layers import iter_svd_layers
+
+    fans = {p: sum(_shape(m.base_layer)) for p, m in iter_svd_layers(model)}
+    return sum(r * (fans[p] + 1) for p, r in kept_ranks(model).items())
+
+
 def lm_runs(
     base: Any,
     seed: int,
@@ -226,11 +270,7 @@ def lm_runs(
     """(method, test bits per byte, final adapter parameters) of every method on one seed;
     for every factor ``k`` in ``lr_factors`` also AdaLoRA without the penalty and LoRA at both
     ranks at ``k`` times ``s.lr`` (rows suffixed ``lr xk``, see ``lr_suffix``)."""
-    import copy
-
     import adalora_hf
-    from adalora_hf.cli._lora import LoRALinear
-    from adalora_torch._layers import iter_svd_layers
 
     train, test = python_source()
     block = base.config.n_positions
@@ -241,18 +281,11 @@ def lm_runs(
         return bits_per_byte(model, test, block)
 
     def frozen() -> Any:
-        model = copy.deepcopy(base)
-        model.requires_grad_(False)
-        torch.manual_seed(seed)
-        return model
+        return frozen_copy(base, seed)
 
     def lora(r: int, k: float = 1.0) -> None:
-        model, params = frozen(), 0
-        for layer in list(model.modules()):
-            for child_name, child in list(layer.named_children()):
-                if child_name in TARGETS:
-                    setattr(layer, child_name, LoRALinear(child, r, s.scale * r))
-                    params += r * sum(_shape(child))
+        model = frozen()
+        params = add_lora(model, dict.fromkeys(target_paths(model), r), s.scale)
         rows.append((f"LoRA r={r}{lr_suffix(k)}", run(model, None, k), params))
 
     rows.append(("frozen", bits_per_byte(base, test, block), 0))
@@ -260,11 +293,7 @@ def lm_runs(
         lora(r)
 
     def ada_params(ada: Any) -> int:
-        total = 0
-        for _, layer in iter_svd_layers(ada.model):
-            fan = sum(_shape(layer.base_layer))
-            total += int((layer.lora_E["default"] != 0).sum()) * (fan + 1)
-        return total
+        return adalora_params(ada.model)
 
     for orth in orth_weights:
         ada = adalora_hf.AdaLoraModel(frozen(), adalora_hf.AdaLoraConfig(**s.adalora(orth)))

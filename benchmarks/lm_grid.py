@@ -18,7 +18,6 @@ named by a spec, ``kind:key=value,...``:
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -48,22 +47,6 @@ def parse(spec: str) -> tuple[str, dict[str, float]]:
     return kind, values
 
 
-def _lora(model: Any, ranks: dict[str, int], scale: float) -> int:
-    """Wrap every targeted matrix whose path is in ``ranks`` (rank > 0) in LoRA; parameters."""
-    from _lm import TARGETS
-
-    from adalora_hf.cli._lora import LoRALinear
-
-    params = 0
-    for name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            r = ranks.get(f"{name}.{child_name}", 0)
-            if child_name in TARGETS and r > 0:
-                setattr(parent, child_name, LoRALinear(child, r, scale * r))
-                params += r * sum(child.weight.shape)
-    return params
-
-
 def _adalora(model: Any, v: dict[str, float]) -> Any:
     from _lm import TARGETS
 
@@ -88,19 +71,23 @@ def _adalora(model: Any, v: dict[str, float]) -> Any:
 
 def run(base: Any, spec: str, seed: int) -> dict[str, Any]:
     """One spec on one seed: {spec, seed, bpb, params (final adapter parameters)}."""
-    from _lm import TARGETS, _shape, adapt, bits_per_byte, python_source
-
-    from adalora_torch._layers import iter_svd_layers
+    from _lm import (
+        adalora_params,
+        adapt,
+        add_lora,
+        bits_per_byte,
+        frozen_copy,
+        kept_ranks,
+        python_source,
+        target_paths,
+    )
 
     kind, v = parse(spec)
     train, test = python_source()
     block = base.config.n_positions
 
     def frozen() -> Any:
-        model = copy.deepcopy(base)
-        model.requires_grad_(False)
-        torch.manual_seed(seed)
-        return model
+        return frozen_copy(base, seed)
 
     def fit(model: Any, lr: float, after: Any) -> float:
         adapt(model, train, seed, STEPS, BATCH, block, lr, after)
@@ -109,23 +96,19 @@ def run(base: Any, spec: str, seed: int) -> dict[str, Any]:
     out: dict[str, Any] = {"spec": spec, "seed": seed}
     if kind == "lora":
         model = frozen()
-        paths = [n for n, m in model.named_modules() if n.split(".")[-1] in TARGETS]
-        out["params"] = _lora(model, dict.fromkeys(paths, int(v.get("r", 4))), 2.0)
+        ranks = dict.fromkeys(target_paths(model), int(v.get("r", 4)))
+        out["params"] = add_lora(model, ranks, 2.0)
         out["bpb"] = fit(model, v.get("lr", 5e-3), None)
         return out
     ada = _adalora(frozen(), v if kind == "ada" else {})
     ada_bpb = fit(ada, v.get("lr" if kind == "ada" else "ada_lr", 5e-3), ada.update_and_allocate)
-    ranks = {
-        path: int((layer.lora_E["default"] != 0).sum())
-        for path, layer in iter_svd_layers(ada.model)
-    }
     if kind == "ada":
-        fans = {path: sum(_shape(layer.base_layer)) for path, layer in iter_svd_layers(ada.model)}
-        out["params"] = sum(r * (fans[path] + 1) for path, r in ranks.items())
+        out["params"] = adalora_params(ada.model)
         out["bpb"] = ada_bpb
         return out
+    ranks = kept_ranks(ada.model)
     model = frozen()
-    out["params"] = _lora(model, ranks, 2.0)
+    out["params"] = add_lora(model, ranks, 2.0)
     out["adalora_bpb"] = ada_bpb
     out["ranks"] = list(ranks.values())
     out["bpb"] = fit(model, v.get("lr", 5e-3), None)
